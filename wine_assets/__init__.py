@@ -1,0 +1,23 @@
+"""wine_assets: a wine classifier as Dagster software-defined assets.
+
+``dagster ... -m wine_assets`` finds ``defs`` here. It is imported on first use, so
+``wine_assets.predict`` and the CLI do not pay for importing Dagster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["defs"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "defs":
+        from wine_assets.definitions import defs
+
+        return defs
+    raise AttributeError(f"module 'wine_assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"defs"})

@@ -1,0 +1,190 @@
+"""The ``wine-assets`` command: summary, registry management (and more subcommands over time).
+
+Results go to standard output; errors go to standard error with a non-zero exit code:
+1 when an operation fails (a checksum mismatch, nothing in production), 2 when the input
+is wrong (a bad params file, an unknown version, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
+from wine_assets.registry import (
+    ModelRegistry,
+    InvalidVersion,
+    RegistryError,
+    VersionNotFound,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+def _params(args: argparse.Namespace) -> Params:
+    try:
+        return load_params(args.params)
+    except ParamsError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+
+
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    root = Path(args.registry) if args.registry else _params(args).registry_dir
+    return ModelRegistry(root)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    params = _params(args)
+    metrics_path = params.artifacts_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise CliError(f"no metrics at {metrics_path}: run the pipeline first (make run)")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    registry = ModelRegistry(params.registry_dir)
+    production = registry.production_version()
+    threshold = params.evaluation.min_accuracy
+    verdict = "passes" if metrics["accuracy"] >= threshold else "FAILS"
+    _out(f"test accuracy   {metrics['accuracy']:.4f} ({verdict} the gate of {threshold:.2f})")
+    _out(f"f1 (macro)      {metrics['f1_macro']:.4f}")
+    data = metrics.get("data", {})
+    _out(f"data            {data.get('source')} ({data.get('train_rows')} train / {data.get('test_rows')} test rows)")
+    _out(f"artifacts       {params.artifacts_dir}")
+    for name in ("model.joblib", "scaler.joblib", "metrics.json", "plots/confusion_matrix.png", "plots/feature_importance.png"):
+        path = params.artifacts_dir / name
+        _out(f"  {'ok     ' if path.is_file() else 'missing'} {name}")
+    if production is None:
+        _out(f"production      none yet in {registry.model_dir}")
+    else:
+        _out(f"production      v{production} in {registry.version_dir(production)}")
+    return EXIT_OK
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    versions = registry.versions()
+    if not versions:
+        _out(f"no versions in {registry.model_dir} yet: run the release job to publish one")
+        return EXIT_OK
+    production = registry.production_version()
+    rows = [["version", "created_at", "accuracy", "f1_macro", "data", "production"]]
+    for version in versions:
+        manifest = registry.manifest(version)
+        metrics = manifest.get("metrics", {})
+        rows.append(
+            [
+                f"v{version}",
+                str(manifest.get("created_at", "")),
+                f"{metrics.get('accuracy', float('nan')):.4f}",
+                f"{metrics.get('f1_macro', float('nan')):.4f}",
+                str(manifest.get("data_fingerprint") or "")[:12],
+                "*" if version == production else "",
+            ]
+        )
+    _out(_format_table(rows))
+    return EXIT_OK
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    version = registry.resolve(args.version)
+    manifest = registry.verify(version)
+    if args.json:
+        _out(json.dumps(manifest, indent=2))
+        return EXIT_OK
+    production = registry.production_version()
+    _out(f"{manifest['name']} v{version}{'  (production)' if version == production else ''}")
+    _out(f"  path         {registry.version_dir(version)}")
+    _out(f"  tag          {manifest.get('tag')}")
+    _out(f"  created_at   {manifest.get('created_at')}")
+    _out(f"  data         {manifest.get('data_source')} sha256 {manifest.get('data_fingerprint')}")
+    _out(f"  git commit   {manifest.get('git_commit') or 'unknown'}")
+    _out(f"  dagster run  {manifest.get('dagster_run_id') or 'unknown'}")
+    _out("  metrics")
+    for name, value in manifest.get("metrics", {}).items():
+        _out(f"    {name:<20} {value:.4f}")
+    _out("  files (sha256 verified)")
+    for name, entry in manifest["files"].items():
+        _out(f"    {name:<20} {entry['sha256']}  {entry['bytes']} bytes")
+    return EXIT_OK
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    previous, current = registry.set_production(args.version)
+    if previous == current:
+        _out(f"production is already v{current}")
+    else:
+        _out(f"production moved from {'v' + str(previous) if previous else 'none'} to v{current}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wine-assets",
+        description="Inspect the wine_assets pipeline's results and manage its model registry.",
+    )
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        help=f"params file (default: ${PARAMS_ENV_VAR}, else ./params.yaml, else built-in defaults)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    summary = commands.add_parser("summary", help="accuracy, artifacts and production version of the last run")
+    summary.set_defaults(handler=cmd_summary)
+
+    registry = commands.add_parser("registry", help="list, show and roll back released model versions")
+    registry.add_argument("--registry", metavar="DIR", help="registry folder (default: paths.registry_dir)")
+    registry_commands = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    listing = registry_commands.add_parser("list", help="every published version; * marks production")
+    listing.set_defaults(handler=cmd_registry_list)
+    show = registry_commands.add_parser("show", help="a version's manifest, checksums verified")
+    show.add_argument("version", nargs="?", help="a version such as 3 or v3 (default: production)")
+    show.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    show.set_defaults(handler=cmd_registry_show)
+    rollback = registry_commands.add_parser("rollback", help="verify a version's checksums, then make it production")
+    rollback.add_argument("version", help="a version such as 3 or v3")
+    rollback.set_defaults(handler=cmd_registry_rollback)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CliError as exc:
+        return _fail(str(exc), exc.code)
+    except (VersionNotFound, InvalidVersion) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    except RegistryError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"wine-assets: error: {message}\n")
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

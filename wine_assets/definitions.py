@@ -1,0 +1,77 @@
+"""Everything Dagster loads, assembled in one place: assets, checks, jobs, executor, resources."""
+
+
+import dagster as dg
+
+from wine_assets.pipeline.evaluation import (
+    accuracy_threshold,
+    confusion_matrix_plot,
+    evaluation_metrics,
+    feature_importance_plot,
+    no_regression,
+)
+from wine_assets.pipeline.features import scaler, train_test_split_assets
+from wine_assets.pipeline.ingestion import raw_wine
+from wine_assets.pipeline.release import model_deployment
+from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.pipeline.training import wine_model
+from wine_assets.pipeline.validation import raw_wine_checks, validated_wine
+
+
+@dg.executor(
+    name="in_process_or_multiprocess",
+    config_schema=dg.Field(
+        dg.multi_or_in_process_executor.config_schema.config_type,
+        default_value={"in_process": {}},
+        description="in_process (default): every step in the run's process. multiprocess: a process per step.",
+    ),
+    requirements=lambda config: dg.multiple_process_executor_requirements() if "multiprocess" in config else [],
+)
+def in_process_or_multiprocess(init_context: dg.InitExecutorContext) -> dg.Executor:
+    """Dagster's own executor with in-process as the default.
+
+    A process per step re-imports dagster and scikit-learn each time (seconds per step), which
+    dwarfs this graph's work. Select ``execution: {config: {multiprocess: {}}}`` for isolation.
+    """
+    return dg.multi_or_in_process_executor.executor_creation_fn(init_context)
+
+
+ASSETS = [
+    raw_wine,
+    validated_wine,
+    train_test_split_assets,
+    scaler,
+    wine_model,
+    evaluation_metrics,
+    confusion_matrix_plot,
+    feature_importance_plot,
+    model_deployment,
+]
+ASSET_CHECKS = [raw_wine_checks, accuracy_threshold, no_regression]
+
+TRAINING_GROUPS = ("ingestion", "validation", "features", "training", "evaluation")
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.groups(*TRAINING_GROUPS),
+    description="Ingest, validate, split, scale, train and evaluate, with every check on the way.",
+)
+
+# Re-running the checks on the stored evaluation_metrics in the same run is what gates the
+# deployment: a blocking check only skips downstream assets of its own run.
+release_job = dg.define_asset_job(
+    "release_job",
+    selection=dg.AssetSelection.checks_for_assets(evaluation_metrics) | dg.AssetSelection.assets(model_deployment),
+    description=(
+        "Re-run the accuracy gates on the stored evaluation_metrics, then publish model_deployment "
+        "only if accuracy_threshold passes."
+    ),
+)
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=[training_job, release_job],
+    resources={"params": WineParamsResource()},
+    executor=in_process_or_multiprocess,
+)

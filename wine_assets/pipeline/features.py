@@ -1,0 +1,48 @@
+"""Group ``features``: the stratified split and the scaler."""
+
+
+import dagster as dg
+import pandas as pd
+from sklearn.preprocessing import StandardScaler
+
+from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.features import fit_scaler, split_frame
+from wine_assets.files import joblib_bytes, write_bytes_atomic
+from wine_assets.ingestion import class_counts
+
+
+@dg.multi_asset(
+    group_name="features",
+    outs={
+        "train_set": dg.AssetOut(
+            code_version="1",
+            kinds={"pandas"},
+            description="Training rows: a stratified share (1 - data.test_size) of validated_wine.",
+        ),
+        "test_set": dg.AssetOut(
+            code_version="1",
+            kinds={"pandas"},
+            description="Held-out rows: a stratified share data.test_size of validated_wine.",
+        ),
+    },
+)
+def train_test_split_assets(validated_wine: pd.DataFrame, params: WineParamsResource):
+    data = params.values.data
+    train, test = split_frame(validated_wine, data.test_size, data.random_state)
+    common = {"test_size": data.test_size, "random_state": data.random_state}
+    yield dg.Output(train, output_name="train_set", metadata={"rows": len(train), "class_counts": class_counts(train), **common})
+    yield dg.Output(test, output_name="test_set", metadata={"rows": len(test), "class_counts": class_counts(test), **common})
+
+
+@dg.asset(
+    group_name="features",
+    code_version="1",
+    kinds={"scikitlearn"},
+    description="A StandardScaler fitted on the training features only; also written to <artifacts_dir>/scaler.joblib.",
+)
+def scaler(context: dg.AssetExecutionContext, train_set: pd.DataFrame, params: WineParamsResource) -> dg.Output[StandardScaler]:
+    fitted = fit_scaler(train_set)
+    path = params.values.artifacts_dir / "scaler.joblib"
+    write_bytes_atomic(path, joblib_bytes(fitted))
+    context.log.info("scaler written to %s", path)
+    return dg.Output(fitted, metadata={"path": dg.MetadataValue.path(str(path)), "features": len(fitted.mean_)})

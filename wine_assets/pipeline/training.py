@@ -1,0 +1,50 @@
+"""Group ``training``: the Random Forest."""
+
+
+import dataclasses
+
+import dagster as dg
+import pandas as pd
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.preprocessing import StandardScaler
+
+from wine_assets.pipeline.metadata import table
+from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
+from wine_assets.training import feature_importances, train_model
+from wine_assets.validation import FEATURE_COLUMNS
+
+
+@dg.asset(
+    group_name="training",
+    code_version="1",
+    kinds={"scikitlearn"},
+    description=(
+        "A RandomForestClassifier with the hyperparameters in params.yaml (model section), fitted on "
+        "the scaled training features; also written to <artifacts_dir>/model.joblib."
+    ),
+)
+def wine_model(
+    context: dg.AssetExecutionContext, train_set: pd.DataFrame, scaler: StandardScaler, params: WineParamsResource
+) -> dg.Output[RandomForestClassifier]:
+    values = params.values
+    result = train_model(train_set, scaler, values.model)
+    content = joblib_bytes(result.model)
+    path = values.artifacts_dir / "model.joblib"
+    write_bytes_atomic(path, content)
+    context.log.info("trained in %.3f s; model written to %s", result.seconds, path)
+    top = feature_importances(result.model, FEATURE_COLUMNS)[:5]
+    return dg.Output(
+        result.model,
+        metadata={
+            "hyperparameters": dataclasses.asdict(values.model),
+            "training_seconds": float(result.seconds),
+            "train_rows": len(train_set),
+            "top_features": table(
+                [{"feature": name, "importance": value} for name, value in top],
+                [("feature", "string"), ("importance", "float")],
+            ),
+            "path": dg.MetadataValue.path(str(path)),
+            "sha256": sha256_bytes(content),
+        },
+    )

@@ -1,0 +1,355 @@
+"""A local, versioned, checksummed model registry with a ``production`` alias.
+
+Layout under ``paths.registry_dir``::
+
+    wine-classifier/
+        v1/  model.joblib  scaler.joblib  metrics.json  params.yaml  manifest.json
+        v2/  ...
+        production          # one line naming the version, e.g. "v2"
+    .staging/               # bundles being written; never read as versions
+    .lock                   # held while publishing or moving the alias
+
+Guarantees:
+
+* A version appears whole or not at all: its files are written and fsynced in
+  ``.staging``, loaded back and checked there, then renamed into place.
+* ``production`` moves by an atomic replace, after the version is in place; a
+  crash at any point leaves the previous production alias as it was.
+* A file lock serializes publishers, so two releases never share a number.
+* Nothing is unpickled before every file's sha256 matches the manifest: a
+  joblib file runs code when loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from wine_assets.files import fsync_dir, sha256_bytes, sha256_file, write_bytes_atomic
+
+MODEL_NAME = "wine-classifier"
+PRODUCTION_ALIAS = "production"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.joblib"
+SCALER_FILE = "scaler.joblib"
+REQUIRED_FILES = (MODEL_FILE, SCALER_FILE)
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message says what to do."""
+
+
+class ChecksumError(RegistryError):
+    """A file of a published version differs from its manifest."""
+
+
+class NoProductionModel(RegistryError):
+    """Nothing has been released yet."""
+
+
+class VersionNotFound(RegistryError):
+    """The asked-for version does not exist."""
+
+
+class InvalidVersion(RegistryError):
+    """The text given as a version is not one (3 and v3 are)."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, checksum-verified release: the fitted scaler and model with their manifest."""
+
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+    model: Any
+    scaler: Any
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+    created: bool
+    previous_production: int | None
+    production: int | None
+
+
+def tag_name(version: int) -> str:
+    return f"model-v{version}"
+
+
+def parse_version(text: str | int) -> int:
+    """Accept ``3``, ``"3"`` or ``"v3"``; refuse anything else with a clear message."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"v?([0-9]+)", str(text).strip())
+        if not match:
+            raise InvalidVersion(f"'{text}' is not a version: use a number such as 3 or v3")
+        value = int(match.group(1))
+    if value < 1:
+        raise InvalidVersion(f"'{text}' is not a version: versions start at 1")
+    return value
+
+
+def verify_dir(path: Path) -> dict[str, Any]:
+    """Read a bundle folder's manifest and check every listed file's sha256; return the manifest."""
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChecksumError(f"{manifest_path} is missing: the bundle is incomplete") from None
+    except json.JSONDecodeError as exc:
+        raise ChecksumError(f"{manifest_path} is not valid JSON ({exc}): the bundle is damaged") from exc
+    files = manifest.get("files")
+    if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
+        raise ChecksumError(f"{manifest_path} does not list {', '.join(REQUIRED_FILES)}")
+    problems = []
+    for name, entry in files.items():
+        file_path = path / name
+        if not file_path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(file_path) != entry.get("sha256"):
+            problems.append(f"{name} does not match its sha256 in the manifest")
+    if problems:
+        raise ChecksumError(
+            f"{path}: {'; '.join(problems)}. The files were changed after release; "
+            "refusing to load them (a joblib file runs code when loaded)."
+        )
+    return manifest
+
+
+def load_dir(path: Path) -> Bundle:
+    """Verify a bundle folder, then (only then) unpickle its scaler and model."""
+    import joblib
+
+    manifest = verify_dir(path)
+    return Bundle(
+        version=int(manifest["version"]),
+        path=path,
+        manifest=manifest,
+        model=joblib.load(path / MODEL_FILE),
+        scaler=joblib.load(path / SCALER_FILE),
+    )
+
+
+def git_commit(cwd: Path) -> str | None:
+    """The commit checked out at ``cwd``, or None outside a git work tree."""
+    import subprocess
+
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = completed.stdout.strip()
+    return commit if completed.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+class ModelRegistry:
+    """The registry folder of one model name; see the module docstring for the layout."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str = MODEL_NAME):
+        self.root = Path(root)
+        self.name = name
+        self.model_dir = self.root / name
+        self.staging_dir = self.root / ".staging"
+        self.lock_path = self.root / ".lock"
+        self.alias_path = self.model_dir / PRODUCTION_ALIAS
+
+    # -- reading ---------------------------------------------------------------------------
+    def versions(self) -> list[int]:
+        """Published versions, oldest first (a folder counts once its manifest is in it)."""
+        if not self.model_dir.is_dir():
+            return []
+        found = []
+        for entry in self.model_dir.iterdir():
+            match = _VERSION_DIR.match(entry.name)
+            if match and (entry / MANIFEST_FILE).is_file():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def version_dir(self, version: int) -> Path:
+        return self.model_dir / f"v{version}"
+
+    def production_version(self) -> int | None:
+        try:
+            text = self.alias_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        match = _VERSION_DIR.match(text)
+        if not match:
+            raise RegistryError(f"{self.alias_path} holds {text!r}, not a version such as v3")
+        return int(match.group(1))
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        """A version's manifest, read without verifying or loading its files."""
+        path = self.version_dir(version) / MANIFEST_FILE
+        if not path.is_file():
+            raise VersionNotFound(self._missing_message(version))
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def production_manifest(self) -> dict[str, Any] | None:
+        version = self.production_version()
+        return None if version is None else self.manifest(version)
+
+    def resolve(self, version: int | str | None = None) -> int:
+        """The given version, checked to exist, or the production version."""
+        if version is None:
+            current = self.production_version()
+            if current is None:
+                raise NoProductionModel(
+                    f"no model in production in {self.model_dir}: run the release job first "
+                    "(dagster job execute -m wine_assets -j release_job, or make release)"
+                )
+            return current
+        number = parse_version(version)
+        if number not in self.versions():
+            raise VersionNotFound(self._missing_message(number))
+        return number
+
+    def verify(self, version: int | str | None = None) -> dict[str, Any]:
+        return verify_dir(self.version_dir(self.resolve(version)))
+
+    def load(self, version: int | str | None = None) -> Bundle:
+        """Load a version (production by default) after verifying every checksum."""
+        return load_dir(self.version_dir(self.resolve(version)))
+
+    def find_same(self, files: Mapping[str, str]) -> int | None:
+        """The version whose model and scaler have these sha256s, if any."""
+        for version in reversed(self.versions()):
+            listed = self.manifest(version).get("files", {})
+            if all(listed.get(name, {}).get("sha256") == files[name] for name in REQUIRED_FILES):
+                return version
+        return None
+
+    def _missing_message(self, version: int) -> str:
+        known = ", ".join(f"v{v}" for v in self.versions()) or "none"
+        return f"version v{version} is not in {self.model_dir} (published versions: {known})"
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on the registry, held by one publisher or alias move at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _sweep_staging(self) -> None:
+        # Runs under the lock: anything in .staging is left over from a publisher that died.
+        if self.staging_dir.is_dir():
+            for leftover in self.staging_dir.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _write_alias(self, version: int) -> None:
+        write_bytes_atomic(self.alias_path, f"v{version}\n".encode("ascii"))
+
+    def set_production(self, version: int | str) -> tuple[int | None, int]:
+        """Verify a version's checksums, then point ``production`` at it; (previous, new)."""
+        with self.lock():
+            number = self.resolve(version)
+            verify_dir(self.version_dir(number))
+            previous = self.production_version()
+            if previous != number:
+                self._write_alias(number)
+            return previous, number
+
+    def publish(
+        self,
+        files: Mapping[str, bytes],
+        manifest_fields: Mapping[str, Any],
+        check: Callable[[Bundle], None] | None = None,
+        set_production: bool = True,
+    ) -> PublishResult:
+        """Publish a bundle as the next version and (by default) make it production.
+
+        ``files`` maps file names to their bytes and must hold model.joblib and scaler.joblib.
+        ``check`` receives the bundle loaded back from disk (checksums verified) before the
+        version becomes visible; an exception from it discards the bundle and is re-raised.
+        The same model and scaler bytes as an existing version make no new version.
+        """
+        missing = [name for name in REQUIRED_FILES if name not in files]
+        if missing:
+            raise RegistryError(f"a bundle needs {', '.join(missing)}")
+        if MANIFEST_FILE in files:
+            raise RegistryError(f"{MANIFEST_FILE} is written by the registry, not passed in")
+        digests = {name: sha256_bytes(content) for name, content in files.items()}
+        with self.lock():
+            self._sweep_staging()
+            previous = self.production_version()
+            existing = self.find_same(digests)
+            if existing is not None:
+                manifest = verify_dir(self.version_dir(existing))
+                if set_production and previous != existing:
+                    self._write_alias(existing)
+                return PublishResult(
+                    existing, self.version_dir(existing), manifest, False, previous,
+                    existing if set_production else previous,
+                )
+            version = self._next_version()
+            manifest = {
+                "name": self.name,
+                "version": version,
+                "tag": tag_name(version),
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **manifest_fields,
+                "files": {
+                    name: {"sha256": digests[name], "bytes": len(content)} for name, content in files.items()
+                },
+            }
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.staging_dir))
+            try:
+                for name, content in files.items():
+                    _write_durably(staged / name, content)
+                _write_durably(staged / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+                fsync_dir(staged)
+                if check is not None:
+                    check(load_dir(staged))
+                self.model_dir.mkdir(parents=True, exist_ok=True)
+                final = self.version_dir(version)
+                os.rename(staged, final)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            fsync_dir(self.model_dir)
+            if set_production:
+                self._write_alias(version)
+            return PublishResult(
+                version, final, manifest, True, previous, version if set_production else previous
+            )
+
+    def _next_version(self) -> int:
+        # Any v<N> folder counts, even one without a manifest, so a number is never reused.
+        numbers = [0]
+        if self.model_dir.is_dir():
+            for entry in self.model_dir.iterdir():
+                match = _VERSION_DIR.match(entry.name)
+                if match:
+                    numbers.append(int(match.group(1)))
+        return max(numbers) + 1
+
+
+def _write_durably(path: Path, content: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
