@@ -1,35 +1,59 @@
-"""Release: package the evaluated model as a registry bundle and prove it works once loaded."""
+"""Release: publish exactly the model bytes that were evaluated, and prove they still work.
+
+A fitted forest pickled again after a load is not byte-identical to the file written at
+training time, so the release never re-serializes: it reads ``model.joblib`` and
+``scaler.joblib`` from the artifacts folder and refuses them unless their sha256 equals
+what the evaluation scored.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from sklearn.metrics import accuracy_score
 
 from wine_assets.evaluation import HEADLINE_METRICS, predict_test
-from wine_assets.files import joblib_bytes, json_text
+from wine_assets.files import json_text, sha256_bytes
 from wine_assets.params import Params, params_to_yaml
-from wine_assets.registry import Bundle, ModelRegistry, PublishResult, git_commit
+from wine_assets.registry import MODEL_FILE, SCALER_FILE, Bundle, ModelRegistry, PublishResult, git_commit
 from wine_assets.validation import CLASS_LABELS, CLASS_VALUES, FEATURE_COLUMNS, TARGET_COLUMN
 
 
 class ReleaseError(RuntimeError):
-    """The bundle loaded back from the registry does not behave like the evaluated model."""
+    """The artifacts cannot be released; the message says why and what to run."""
 
 
-def bundle_files(model: Any, scaler: Any, metrics: dict[str, Any], params: Params) -> dict[str, bytes]:
-    return {
-        "model.joblib": joblib_bytes(model),
-        "scaler.joblib": joblib_bytes(scaler),
-        "metrics.json": json_text(metrics).encode("utf-8"),
-        "params.yaml": params_to_yaml(params).encode("utf-8"),
-    }
+def read_evaluated_artifacts(artifacts_dir: Path, evaluated: Mapping[str, str | None]) -> dict[str, bytes]:
+    """The model and scaler file bytes, refused unless each sha256 equals the evaluated one."""
+    files = {}
+    for name in (MODEL_FILE, SCALER_FILE):
+        path = artifacts_dir / name
+        expected = evaluated.get(name)
+        if expected is None:
+            raise ReleaseError(
+                f"there is no record of which {name} evaluation_metrics scored: "
+                "materialize training_job (or everything) before releasing"
+            )
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:
+            raise ReleaseError(f"{path} is missing: run training_job to write it") from None
+        actual = sha256_bytes(content)
+        if actual != expected:
+            raise ReleaseError(
+                f"{path} (sha256 {actual[:12]}) is not the file evaluation_metrics scored "
+                f"(sha256 {expected[:12]}): it was rewritten after the evaluation. Re-run training_job "
+                "so the evaluation and the file match, then release."
+            )
+        files[name] = content
+    return files
 
 
-def manifest_fields(metrics: dict[str, Any], params: Params, run_id: str | None) -> dict[str, Any]:
+def manifest_fields(metrics: Mapping[str, Any], params: Params, run_id: str | None) -> dict[str, Any]:
     data = metrics.get("data", {})
     return {
         "data_fingerprint": data.get("fingerprint"),
@@ -44,31 +68,32 @@ def manifest_fields(metrics: dict[str, Any], params: Params, run_id: str | None)
 
 
 def reproduces_accuracy(test: pd.DataFrame, expected: float) -> Callable[[Bundle], None]:
-    """A publish check: the loaded bundle must score ``expected`` accuracy on ``test`` again."""
+    """A publish check: the bundle loaded from the registry must score ``expected`` on ``test`` again."""
 
     def check(bundle: Bundle) -> None:
         accuracy = float(accuracy_score(test[TARGET_COLUMN], predict_test(bundle.model, bundle.scaler, test)))
         if not math.isclose(accuracy, expected, rel_tol=0, abs_tol=1e-12):
             raise ReleaseError(
                 f"the released bundle scores {accuracy:.4f} on the test set, not the evaluated "
-                f"{expected:.4f}: production was not moved"
+                f"{expected:.4f}: the version was discarded and production was not moved"
             )
 
     return check
 
 
 def release(
-    model: Any,
-    scaler: Any,
-    metrics: dict[str, Any],
+    evaluated: Mapping[str, str | None],
+    metrics: Mapping[str, Any],
     test: pd.DataFrame,
     params: Params,
     run_id: str | None = None,
 ) -> PublishResult:
-    """Publish to the registry in params and move production, after the simulated production check."""
-    registry = ModelRegistry(params.registry_dir)
-    return registry.publish(
-        bundle_files(model, scaler, metrics, params),
+    """Publish the evaluated artifacts to the registry in params and make them production."""
+    files = read_evaluated_artifacts(params.artifacts_dir, evaluated)
+    files["metrics.json"] = json_text(dict(metrics)).encode("utf-8")
+    files["params.yaml"] = params_to_yaml(params).encode("utf-8")
+    return ModelRegistry(params.registry_dir).publish(
+        files,
         manifest_fields(metrics, params, run_id),
         check=reproduces_accuracy(test, float(metrics["accuracy"])),
     )

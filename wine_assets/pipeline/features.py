@@ -7,7 +7,7 @@ from sklearn.preprocessing import StandardScaler
 
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.features import fit_scaler, split_frame
-from wine_assets.files import joblib_bytes, write_bytes_atomic
+from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.ingestion import class_counts
 
 
@@ -42,7 +42,13 @@ def train_test_split_assets(validated_wine: pd.DataFrame, params: WineParamsReso
 )
 def scaler(context: dg.AssetExecutionContext, train_set: pd.DataFrame, params: WineParamsResource) -> dg.Output[StandardScaler]:
     fitted = fit_scaler(train_set)
+    content = joblib_bytes(fitted)
     path = params.values.artifacts_dir / "scaler.joblib"
-    write_bytes_atomic(path, joblib_bytes(fitted))
+    write_bytes_atomic(path, content)
     context.log.info("scaler written to %s", path)
-    return dg.Output(fitted, metadata={"path": dg.MetadataValue.path(str(path)), "features": len(fitted.mean_)})
+    sha256 = sha256_bytes(content)
+    return dg.Output(
+        fitted,
+        data_version=dg.DataVersion(sha256),
+        metadata={"path": dg.MetadataValue.path(str(path)), "sha256": sha256, "features": len(fitted.mean_)},
+    )

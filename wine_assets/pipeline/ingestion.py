@@ -27,6 +27,7 @@ def raw_wine(context: dg.AssetExecutionContext, params: WineParamsResource) -> d
     context.log.info("loaded %d rows x %d columns from %s", *raw.frame.shape, raw.source)
     return dg.Output(
         raw.frame,
+        data_version=dg.DataVersion(raw.fingerprint),
         metadata={
             "rows": len(raw.frame),
             "columns": len(raw.frame.columns),

@@ -1,38 +1,50 @@
 """Group ``release``: publish the gated model to the registry and move ``production``."""
 
-
 from typing import Any
 
 import dagster as dg
 import pandas as pd
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.preprocessing import StandardScaler
 
+from wine_assets.pipeline.evaluation import evaluation_metrics
+from wine_assets.pipeline.features import scaler
 from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.pipeline.training import wine_model
+from wine_assets.registry import MODEL_FILE, SCALER_FILE, RegistryError
 from wine_assets.release import ReleaseError, release
-from wine_assets.registry import RegistryError
+
+
+def evaluated_artifacts(context: dg.AssetExecutionContext) -> dict[str, str | None]:
+    """The sha256 of the model and scaler files that the stored evaluation_metrics scored.
+
+    wine_model and scaler set their data version to their file's sha256, and Dagster records
+    the input data versions of every materialization: this reads them back.
+    """
+    provenance = context.get_asset_provenance(evaluation_metrics.key)
+    versions = provenance.input_data_versions if provenance else {}
+    found = {MODEL_FILE: versions.get(wine_model.key), SCALER_FILE: versions.get(scaler.key)}
+    return {name: version.value if version else None for name, version in found.items()}
 
 
 @dg.asset(
     group_name="release",
     code_version="1",
     kinds={"python"},
+    deps=[wine_model, scaler],
     description=(
-        "The evaluated model published to the local registry (<registry_dir>/wine-classifier/v<N>) "
-        "with a checksummed manifest, loaded back and re-scored, then made production. Runs only "
-        "after the blocking accuracy_threshold check on evaluation_metrics passes."
+        "The evaluated model and scaler files published to the local registry "
+        "(<registry_dir>/wine-classifier/v<N>) with a checksummed manifest, loaded back and "
+        "re-scored on test_set, then made production. Gated by the blocking accuracy_threshold "
+        "check on evaluation_metrics."
     ),
 )
 def model_deployment(
     context: dg.AssetExecutionContext,
-    wine_model: RandomForestClassifier,
-    scaler: StandardScaler,
     evaluation_metrics: dict[str, Any],
     test_set: pd.DataFrame,
     params: WineParamsResource,
 ) -> dg.MaterializeResult:
     try:
-        result = release(wine_model, scaler, evaluation_metrics, test_set, params.values, context.run_id)
+        result = release(evaluated_artifacts(context), evaluation_metrics, test_set, params.values, context.run_id)
     except (ReleaseError, RegistryError) as exc:
         raise dg.Failure(description=str(exc)) from exc
     if result.created:
@@ -44,10 +56,11 @@ def model_deployment(
             "version": result.version,
             "tag": result.manifest["tag"],
             "new_version": result.created,
-            "previous_production": result.previous_production if result.previous_production is not None else "none",
-            "production": result.production,
+            "previous_production": f"v{result.previous_production}" if result.previous_production else "none",
+            "production": f"v{result.production}",
             "path": dg.MetadataValue.path(str(result.path)),
-            **{f"metric_{name}": float(value) for name, value in result.manifest["metrics"].items()},
+            **{name: dg.MetadataValue.float(float(value)) for name, value in result.manifest["metrics"].items()},
             "data_fingerprint": str(result.manifest.get("data_fingerprint")),
+            "model_sha256": result.manifest["files"][MODEL_FILE]["sha256"],
         }
     )

@@ -34,8 +34,12 @@ def wine_model(
     write_bytes_atomic(path, content)
     context.log.info("trained in %.3f s; model written to %s", result.seconds, path)
     top = feature_importances(result.model, FEATURE_COLUMNS)[:5]
+    sha256 = sha256_bytes(content)
+    # The data version is the file's hash: evaluation_metrics records which model bytes it scored,
+    # and model_deployment releases exactly those bytes.
     return dg.Output(
         result.model,
+        data_version=dg.DataVersion(sha256),
         metadata={
             "hyperparameters": dataclasses.asdict(values.model),
             "training_seconds": float(result.seconds),
@@ -45,6 +49,6 @@ def wine_model(
                 [("feature", "string"), ("importance", "float")],
             ),
             "path": dg.MetadataValue.path(str(path)),
-            "sha256": sha256_bytes(content),
+            "sha256": sha256,
         },
     )
