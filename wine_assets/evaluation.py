@@ -112,6 +112,7 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str])
     )
     axes.set_xlabel("predicted")
     axes.set_ylabel("actual")
+    axes.tick_params(axis="y", rotation=0)
     axes.set_title("Confusion matrix (test set)")
     return _png(figure)
 

@@ -182,8 +182,10 @@ SECTIONS: dict[str, type] = {
 
 
 def _check_value(where: str, key: str, value: Any, rule: Rule) -> Any:
+    written = value
+
     def fail(reason: str) -> ParamsError:
-        return ParamsError(f"{where}: {key} = {value!r} {reason}; allowed: {rule.describe()}")
+        return ParamsError(f"{where}: {key} = {written!r} {reason}; allowed: {rule.describe()}")
 
     if value is None:
         if rule.nullable:

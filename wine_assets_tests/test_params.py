@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wine_assets.params import (
+    Params,
+    ParamsError,
+    load_params,
+    params_from_mapping,
+    params_to_yaml,
+)
+
+from .conftest import REPO_ROOT
+
+
+def test_repository_params_equal_the_defaults():
+    loaded = load_params(REPO_ROOT / "params.yaml")
+    assert loaded == Params()
+    assert loaded.source_file == (REPO_ROOT / "params.yaml").resolve()
+
+
+def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(tmp_path, monkeypatch):
+    folder = tmp_path / "config"
+    folder.mkdir()
+    path = folder / "p.yaml"
+    path.write_text("paths: {artifacts_dir: out, registry_dir: /abs/reg}\ndata: {source: data/w.csv}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    params = load_params(path)
+    assert params.artifacts_dir == folder / "out"
+    assert params.registry_dir == Path("/abs/reg")
+    assert params.data_source_path == folder / "data" / "w.csv"
+
+
+def test_environment_variable_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "other.yaml"
+    path.write_text("model: {n_estimators: 7}\n")
+    monkeypatch.setenv("WINE_ASSETS_PARAMS", str(path))
+    assert load_params().model.n_estimators == 7
+
+
+def test_missing_file_named_by_environment_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WINE_ASSETS_PARAMS", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ParamsError, match=r"nope\.yaml.*WINE_ASSETS_PARAMS"):
+        load_params()
+
+
+def test_without_any_file_the_defaults_apply(tmp_path):
+    params = load_params()
+    assert params == Params()
+    assert params.source_file is None
+    assert params.artifacts_dir == (tmp_path / "artifacts").resolve()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("data", "test_size", 1.5, r"data\.test_size = 1\.5 is out of range; allowed: 0 < value < 1"),
+        ("data", "test_size", 0, r"data\.test_size = 0 is out of range"),
+        ("evaluation", "min_accuracy", 1.2, r"evaluation\.min_accuracy = 1\.2 is out of range; allowed: 0 <= value <= 1"),
+        ("model", "n_estimators", 0, r"model\.n_estimators = 0 is out of range; allowed: 1 <= value"),
+        ("model", "n_estimators", 2.5, r"model\.n_estimators = 2\.5 is not a whole number"),
+        ("model", "n_estimators", True, r"model\.n_estimators = True has the wrong type"),
+        ("model", "n_jobs", 0, r"model\.n_jobs = 0 0 is not allowed"),
+        ("model", "class_weight", "heavy", r"model\.class_weight = 'heavy' is not an allowed choice"),
+        ("model", "max_depth", 0, r"model\.max_depth = 0 is out of range"),
+        ("data", "test_size", "a lot", r"data\.test_size = 'a lot' is not a number"),
+        ("data", "test_size", None, r"data\.test_size = None must not be null"),
+        ("data", "source", "", r"data\.source = '' is not a non-empty text"),
+        ("evaluation", "min_accuracy", float("nan"), r"not a finite number"),
+    ],
+)
+def test_bad_values_name_the_file_key_and_allowed_range(write_params, section, key, value, expected):
+    path = write_params(**{section: {key: value}})
+    with pytest.raises(ParamsError, match=expected) as error:
+        load_params(path)
+    assert str(path) in str(error.value)
+
+
+def test_unknown_keys_and_sections_are_refused(write_params):
+    with pytest.raises(ParamsError, match=r"unknown key model\.n_trees; the keys of 'model' are: n_estimators"):
+        load_params(write_params(model={"n_trees": 5}))
+    with pytest.raises(ParamsError, match=r"unknown section 'training'"):
+        params_from_mapping({"training": {}})
+
+
+def test_malformed_documents_are_refused(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad_yaml)
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        params_from_mapping(["a", "list"])
+    with pytest.raises(ParamsError, match="section 'model' must be a mapping"):
+        params_from_mapping({"model": 3})
+
+
+def test_overrides_change_one_value_and_are_validated(write_params):
+    path = write_params(model={"n_estimators": 30})
+    params = load_params(path, ["model.n_estimators=5", "data.source=other.csv", "model.max_depth=null"])
+    assert params.model.n_estimators == 5
+    assert params.model.max_depth is None
+    assert params.data_source_path == path.parent / "other.csv"
+    with pytest.raises(ParamsError, match=r"model\.n_estimators = -3 is out of range"):
+        load_params(path, ["model.n_estimators=-3"])
+    with pytest.raises(ParamsError, match="not of the form section.key=value"):
+        load_params(path, ["n_estimators=5"])
+    with pytest.raises(ParamsError, match="unknown section 'modle'"):
+        load_params(path, ["modle.n_estimators=5"])
+
+
+def test_params_round_trip_through_yaml(write_params):
+    params = load_params(write_params(model={"n_estimators": 12, "class_weight": "balanced"}))
+    again = params_from_mapping(yaml.safe_load(params_to_yaml(params)))
+    assert again == params

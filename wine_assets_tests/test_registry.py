@@ -1,0 +1,207 @@
+"""The model registry: versions, checksums, the production alias, locking and crash safety."""
+
+import json
+import multiprocessing
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from wine_assets.files import joblib_bytes
+from wine_assets.registry import (
+    ChecksumError,
+    InvalidVersion,
+    ModelRegistry,
+    NoProductionModel,
+    VersionNotFound,
+    parse_version,
+)
+
+from .conftest import tree_snapshot
+
+
+def bundle(tag: str) -> dict[str, bytes]:
+    return {
+        "model.joblib": joblib_bytes({"model": tag}),
+        "scaler.joblib": joblib_bytes({"scaler": tag}),
+        "metrics.json": json.dumps({"accuracy": 0.9}).encode(),
+    }
+
+
+FIELDS = {"metrics": {"accuracy": 0.9}, "data_fingerprint": "f" * 64}
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return ModelRegistry(tmp_path / "registry")
+
+
+def test_publish_writes_a_checksummed_version_and_moves_production(registry):
+    result = registry.publish(bundle("a"), FIELDS)
+    assert (result.version, result.created, result.previous_production, result.production) == (1, True, None, 1)
+    assert registry.alias_path.read_text() == "v1\n"
+    manifest = json.loads((registry.version_dir(1) / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["tag"] == "model-v1"
+    assert manifest["data_fingerprint"] == "f" * 64
+    assert set(manifest["files"]) == {"model.joblib", "scaler.joblib", "metrics.json"}
+    loaded = registry.load()
+    assert loaded.version == 1 and loaded.model == {"model": "a"} and loaded.scaler == {"scaler": "a"}
+    assert list(registry.staging_dir.iterdir()) == []
+
+
+def test_versions_count_up_and_production_follows(registry):
+    registry.publish(bundle("a"), FIELDS)
+    second = registry.publish(bundle("b"), FIELDS)
+    assert (second.version, second.previous_production) == (2, 1)
+    assert registry.versions() == [1, 2]
+    assert registry.production_version() == 2
+    assert registry.load(1).model == {"model": "a"}
+
+
+def test_same_bytes_make_no_new_version_but_move_production_back(registry):
+    registry.publish(bundle("a"), FIELDS)
+    registry.publish(bundle("b"), FIELDS)
+    again = registry.publish(bundle("a"), FIELDS)
+    assert (again.version, again.created, again.production) == (1, False, 1)
+    assert registry.versions() == [1, 2]
+    assert registry.production_version() == 1
+
+
+def test_a_failing_check_discards_the_bundle_and_leaves_the_registry_as_it_was(registry):
+    registry.publish(bundle("a"), FIELDS)
+    before = tree_snapshot(registry.root)
+    seen = []
+
+    def refuse(loaded):
+        seen.append(loaded.model)
+        raise RuntimeError("scores differ")
+
+    with pytest.raises(RuntimeError, match="scores differ"):
+        registry.publish(bundle("b"), FIELDS, check=refuse)
+    assert seen == [{"model": "b"}]  # the check saw the bundle as loaded back from disk
+    assert tree_snapshot(registry.root) == before
+    assert registry.versions() == [1] and registry.production_version() == 1
+
+
+def test_tampered_file_is_refused_before_it_is_unpickled(registry, tmp_path):
+    registry.publish(bundle("a"), FIELDS)
+    registry.publish(bundle("b"), FIELDS)
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (registry.version_dir(1) / "model.joblib").write_bytes(pickle.dumps(Payload()))
+    before = tree_snapshot(registry.root)
+    with pytest.raises(ChecksumError, match=r"model\.joblib does not match its sha256"):
+        registry.load(1)
+    with pytest.raises(ChecksumError):
+        registry.set_production(1)
+    assert not marker.exists()
+    assert registry.production_version() == 2
+    assert tree_snapshot(registry.root) == before
+
+
+def test_rollback_moves_production_after_verifying(registry):
+    registry.publish(bundle("a"), FIELDS)
+    registry.publish(bundle("b"), FIELDS)
+    assert registry.set_production("v1") == (2, 1)
+    assert registry.production_version() == 1
+    assert registry.set_production(1) == (1, 1)
+
+
+def test_missing_versions_and_empty_registry_have_clear_errors(registry):
+    with pytest.raises(NoProductionModel, match="run the release job"):
+        registry.load()
+    assert registry.production_manifest() is None
+    registry.publish(bundle("a"), FIELDS)
+    with pytest.raises(VersionNotFound, match=r"version v9 is not in .*published versions: v1"):
+        registry.load(9)
+    with pytest.raises(VersionNotFound):
+        registry.set_production(9)
+
+
+@pytest.mark.parametrize("text", ["x", "v", "v0", "0", "-1", "1.5"])
+def test_parse_version_refuses_non_versions(text):
+    with pytest.raises(InvalidVersion):
+        parse_version(text)
+
+
+def test_parse_version_accepts_numbers_and_v_prefix():
+    assert parse_version("3") == parse_version("v3") == parse_version(3) == 3
+
+
+def _publish_in_process(root: str, tag: str, queue) -> None:
+    result = ModelRegistry(root).publish(bundle(tag), FIELDS)
+    queue.put(result.version)
+
+
+def test_concurrent_releases_never_share_a_version(registry):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_publish_in_process, args=(str(registry.root), f"m{i}", queue)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    versions = sorted(queue.get(timeout=5) for _ in workers)
+    assert versions == [1, 2, 3, 4]
+    assert registry.versions() == [1, 2, 3, 4]
+    for version in versions:
+        registry.verify(version)
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from wine_assets.files import joblib_bytes
+    from wine_assets.registry import ModelRegistry
+
+    root, where = sys.argv[1], sys.argv[2]
+    registry = ModelRegistry(root)
+    files = {"model.joblib": joblib_bytes({"model": "b"}), "scaler.joblib": joblib_bytes({"scaler": "b"})}
+
+    def die(*args, **kwargs):
+        os._exit(137)
+
+    if where == "before_rename":
+        registry.publish(files, {}, check=die)       # every file written and fsynced, nothing renamed
+    else:
+        ModelRegistry._write_alias = die             # the version renamed in, the alias not yet moved
+        registry.publish(files, {})
+    """
+)
+
+
+def _crash(registry, where):
+    completed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(registry.root), where], timeout=120)
+    assert completed.returncode == 137
+
+
+def test_crash_before_the_version_is_visible_leaves_the_model_tree_byte_for_byte(registry):
+    registry.publish(bundle("a"), FIELDS)
+    before = tree_snapshot(registry.model_dir)
+    _crash(registry, "before_rename")
+    assert tree_snapshot(registry.model_dir) == before
+    assert len(list(registry.staging_dir.iterdir())) == 1  # the dead publisher's half-made bundle
+    assert registry.versions() == [1] and registry.production_version() == 1
+    registry.publish(bundle("c"), FIELDS)
+    assert list(registry.staging_dir.iterdir()) == []  # swept by the next publisher
+    assert registry.versions() == [1, 2]
+
+
+def test_crash_before_the_alias_moves_keeps_the_previous_production(registry):
+    registry.publish(bundle("a"), FIELDS)
+    _crash(registry, "before_alias")
+    assert registry.production_version() == 1
+    assert registry.load().model == {"model": "a"}
+    assert registry.versions() == [1, 2]
+    registry.verify(2)  # whole and checksummed, just not production
+    retry = registry.publish(
+        {"model.joblib": joblib_bytes({"model": "b"}), "scaler.joblib": joblib_bytes({"scaler": "b"})}, {}
+    )
+    assert (retry.version, retry.created, registry.production_version()) == (2, False, 2)
