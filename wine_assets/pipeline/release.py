@@ -44,7 +44,7 @@ def model_deployment(
     params: WineParamsResource,
 ) -> dg.MaterializeResult:
     try:
-        result = release(evaluated_artifacts(context), evaluation_metrics, test_set, params.values, context.run_id)
+        result = release(evaluated_artifacts(context), evaluation_metrics, test_set, params.values, context.run.run_id)
     except (ReleaseError, RegistryError) as exc:
         raise dg.Failure(description=str(exc)) from exc
     if result.created:

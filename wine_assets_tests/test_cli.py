@@ -1,0 +1,157 @@
+"""Real command-line runs: the dagster CLI against the module, and the wine-assets command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wine_assets.registry import ModelRegistry
+
+from .conftest import cli_env, shuffled_labels, tree_snapshot
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+TIMEOUT = 300
+
+
+def sh(args, env, cwd):
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def dagster(*args, env, cwd):
+    return sh([str(BIN / "dagster"), *args], env, cwd)
+
+
+def wine_assets(*args, env, cwd):
+    return sh([str(BIN / "wine-assets"), *args], env, cwd)
+
+
+@pytest.fixture
+def env(dagster_home, write_params):
+    return cli_env(dagster_home, write_params())
+
+
+def test_definitions_validate(env, tmp_path):
+    completed = dagster("definitions", "validate", "-m", "wine_assets", env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_materialize_everything_then_use_the_wine_assets_command(env, tmp_path):
+    completed = dagster("asset", "materialize", "-m", "wine_assets", "--select", "*", env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Executing steps in process" in completed.stderr
+    artifacts = tmp_path / "artifacts"
+    for name in ("model.joblib", "scaler.joblib", "metrics.json", "plots/confusion_matrix.png", "plots/feature_importance.png"):
+        assert (artifacts / name).is_file(), name
+    accuracy = json.loads((artifacts / "metrics.json").read_text())["accuracy"]
+    assert accuracy >= 0.80
+
+    summary = wine_assets("summary", env=env, cwd=tmp_path)
+    assert summary.returncode == 0, summary.stderr
+    assert f"test accuracy   {accuracy:.4f} (passes the gate of 0.80)" in summary.stdout
+    assert "production      v1" in summary.stdout
+
+    listing = wine_assets("registry", "list", env=env, cwd=tmp_path)
+    assert listing.returncode == 0
+    assert listing.stdout.splitlines()[1].startswith("v1 ") and listing.stdout.rstrip().endswith("*")
+
+    show = wine_assets("registry", "show", "--json", env=env, cwd=tmp_path)
+    assert show.returncode == 0
+    assert json.loads(show.stdout)["tag"] == "model-v1"
+    text = wine_assets("registry", "show", "v1", env=env, cwd=tmp_path)
+    assert "wine-classifier v1  (production)" in text.stdout and "files (sha256 verified)" in text.stdout
+
+    missing = wine_assets("registry", "rollback", "7", env=env, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "version v7 is not in" in missing.stderr and "published versions: v1" in missing.stderr
+    same = wine_assets("registry", "rollback", "v1", env=env, cwd=tmp_path)
+    assert same.returncode == 0 and "production is already v1" in same.stdout
+
+
+def test_release_job_exits_non_zero_when_the_gate_fails(env, tmp_path, write_csv, dagster_home):
+    good = dagster("asset", "materialize", "-m", "wine_assets", "--select", "*", env=env, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    registry = tmp_path / "registry"
+    before = tree_snapshot(registry)
+
+    params_file = Path(env["WINE_ASSETS_PARAMS"])
+    document = yaml.safe_load(params_file.read_text())
+    document["data"] = {"source": write_csv(edit=shuffled_labels).name}
+    params_file.write_text(yaml.safe_dump(document))
+
+    training = dagster("job", "execute", "-m", "wine_assets", "-j", "training_job", env=env, cwd=tmp_path)
+    assert training.returncode != 0
+    assert "accuracy_threshold" in training.stderr
+    release = dagster("job", "execute", "-m", "wine_assets", "-j", "release_job", env=env, cwd=tmp_path)
+    assert release.returncode != 0
+    assert "1 blocking asset check failed with ERROR severity" in release.stderr
+    assert tree_snapshot(registry) == before
+    assert ModelRegistry(registry).production_version() == 1
+
+
+def test_multiprocess_executor_is_selectable_by_run_config(env, tmp_path):
+    config = tmp_path / "multiprocess.yaml"
+    config.write_text("execution:\n  config:\n    multiprocess:\n      max_concurrent: 2\n")
+    completed = dagster(
+        "asset", "materialize", "-m", "wine_assets", "--select", "raw_wine", "-c", str(config), env=env, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Executing steps using multiprocess executor" in completed.stderr
+    assert "Executing steps in process" not in completed.stderr
+
+
+def test_params_override_from_a_run_config_file(env, tmp_path):
+    config = tmp_path / "override.yaml"
+    config.write_text('resources:\n  params:\n    config:\n      overrides: ["evaluation.min_accuracy=1.5"]\n')
+    completed = dagster(
+        "asset", "materialize", "-m", "wine_assets", "--select", "raw_wine", "-c", str(config), env=env, cwd=tmp_path
+    )
+    assert completed.returncode != 0
+    assert "evaluation.min_accuracy = 1.5 is out of range; allowed: 0 <= value <= 1" in completed.stderr
+
+
+def test_wine_assets_errors_go_to_stderr_with_exit_codes(env, tmp_path):
+    nothing = wine_assets("registry", "show", env=env, cwd=tmp_path)
+    assert nothing.returncode == 1
+    assert nothing.stdout == ""
+    assert "no model in production" in nothing.stderr and "release" in nothing.stderr
+    assert wine_assets("registry", "list", env=env, cwd=tmp_path).stdout.startswith("no versions in")
+    bad_version = wine_assets("registry", "show", "latest", env=env, cwd=tmp_path)
+    assert bad_version.returncode == 2 and "'latest' is not a version" in bad_version.stderr
+    no_metrics = wine_assets("summary", env=env, cwd=tmp_path)
+    assert no_metrics.returncode == 1 and "run the pipeline first" in no_metrics.stderr
+    bad_params = tmp_path / "bad.yaml"
+    bad_params.write_text("data: {test_size: 2}\n")
+    refused = wine_assets("--params", str(bad_params), "summary", env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "data.test_size = 2 is out of range" in refused.stderr
+    usage = wine_assets("registry", env=env, cwd=tmp_path)
+    assert usage.returncode == 2
+
+
+def test_the_cli_modules_do_not_import_dagster(tmp_path):
+    code = "import sys, wine_assets.cli, wine_assets.registry; print('dagster' in sys.modules)"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert completed.stdout.strip() == "False"
+
+
+def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path):
+    from wine_assets.files import joblib_bytes
+
+    registry = ModelRegistry(tmp_path / "registry")
+    for tag in ("a", "b", "c"):
+        registry.publish({"model.joblib": joblib_bytes(tag), "scaler.joblib": joblib_bytes(tag)}, {"metrics": {"accuracy": 0.9}})
+    moved = wine_assets("registry", "rollback", "v2", env=env, cwd=tmp_path)
+    assert moved.returncode == 0 and moved.stdout.strip() == "production moved from v3 to v2"
+    assert registry.production_version() == 2
+
+    (registry.version_dir(1) / "scaler.joblib").write_bytes(b"changed")
+    before = tree_snapshot(registry.root)
+    refused = wine_assets("registry", "rollback", "1", env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "scaler.joblib does not match its sha256" in refused.stderr
+    assert tree_snapshot(registry.root) == before
+    shown = wine_assets("registry", "show", "1", env=env, cwd=tmp_path)
+    assert shown.returncode == 1 and "refusing to load" in shown.stderr

@@ -1,0 +1,312 @@
+"""The asset graph run in-process with dagster.materialize and the jobs, on real files."""
+
+import io
+import json
+import re
+import shutil
+
+import dagster as dg
+import matplotlib.image
+import pytest
+
+from wine_assets.definitions import ASSET_CHECKS, ASSETS, defs
+from wine_assets.files import sha256_file
+from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.registry import ModelRegistry
+
+from .conftest import shuffled_labels, tree_snapshot
+
+ALL_ASSETS = {
+    "raw_wine", "validated_wine", "train_set", "test_set", "scaler", "wine_model",
+    "evaluation_metrics", "confusion_matrix_plot", "feature_importance_plot", "model_deployment",
+}
+RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers"}
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "instance").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
+        yield instance
+
+
+def run(instance, params_file, selection=None, run_config=None):
+    return dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        instance=instance,
+        resources={"params": WineParamsResource(params_file=str(params_file))},
+        selection=selection,
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
+def run_job(name, instance, params_file, monkeypatch):
+    monkeypatch.setenv("WINE_ASSETS_PARAMS", str(params_file))
+    return defs.get_job_def(name).execute_in_process(instance=instance, raise_on_error=False)
+
+
+def materialized(result):
+    return {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+
+
+def checks(result):
+    return {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
+
+
+def errors(result):
+    """Every error message of the run, causes included, as one text."""
+    texts = []
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            texts.append(error.message)
+            error = error.cause
+    return "\n".join(texts)
+
+
+def decode_png(path):
+    return matplotlib.image.imread(io.BytesIO(path.read_bytes()), format="png")
+
+
+def test_the_whole_graph_materializes_with_every_check(instance, write_params, tmp_path):
+    params_file = write_params()
+    result = run(instance, params_file)
+    assert result.success
+    assert materialized(result) == ALL_ASSETS
+    evaluations = checks(result)
+    assert set(evaluations) == RAW_CHECKS | {"accuracy_threshold", "no_regression"}
+    assert all(evaluation.passed for evaluation in evaluations.values())
+
+    artifacts = tmp_path / "artifacts"
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.80  # about 1.0 with seed 42; one of 36 test rows is 2.8 points
+    assert metrics["data"]["train_rows"] == 142 and metrics["data"]["test_rows"] == 36
+    assert sum(map(sum, metrics["confusion_matrix"])) == 36
+    assert set(metrics["per_class"]) == {"class_0", "class_1", "class_2"}
+    for name in ("confusion_matrix.png", "feature_importance.png"):
+        image = decode_png(artifacts / "plots" / name)
+        assert image.shape[0] > 200 and image.std() > 0.05
+
+    registry = ModelRegistry(tmp_path / "registry")
+    bundle = registry.load()
+    assert bundle.version == 1
+    # The released model is the very file training wrote, not a re-serialization of it.
+    assert bundle.manifest["files"]["model.joblib"]["sha256"] == sha256_file(artifacts / "model.joblib")
+    assert bundle.manifest["files"]["scaler.joblib"]["sha256"] == sha256_file(artifacts / "scaler.joblib")
+    assert bundle.manifest["data_fingerprint"] == metrics["data"]["fingerprint"]
+    assert bundle.manifest["metrics"]["accuracy"] == metrics["accuracy"]
+    assert bundle.manifest["dagster_run_id"] == result.run_id
+
+
+def test_asset_metadata_is_what_the_ui_shows(instance, write_params):
+    result = run(instance, write_params())
+    meta = {
+        event.asset_key.to_user_string(): event.step_materialization_data.materialization.metadata
+        for event in result.get_asset_materialization_events()
+    }
+    assert meta["raw_wine"]["rows"].value == 178
+    assert meta["raw_wine"]["class_counts"].value == {"0": 59, "1": 71, "2": 48}
+    assert len(meta["raw_wine"]["preview"].value.records) == 5
+    schema = defs.resolve_assets_def("validated_wine").specs_by_key[dg.AssetKey("validated_wine")].metadata["dagster/column_schema"]
+    assert [column.name for column in schema.columns][-1] == "target"
+    assert len(schema.columns) == 14
+    assert isinstance(meta["evaluation_metrics"]["accuracy"], dg.FloatMetadataValue)
+    assert meta["wine_model"]["hyperparameters"].value["n_estimators"] == 100
+    for plot in ("confusion_matrix_plot", "feature_importance_plot"):
+        assert meta[plot]["plot"].value.startswith("![") and "data:image/png;base64," in meta[plot]["plot"].value
+    assert meta["model_deployment"]["version"].value == 1
+    assert meta["model_deployment"]["tag"].value == "model-v1"
+
+
+def test_every_asset_has_a_description_code_version_and_group():
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.description, key
+        assert node.code_version, key
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert groups == {
+        "raw_wine": "ingestion", "validated_wine": "validation", "train_set": "features", "test_set": "features",
+        "scaler": "features", "wine_model": "training", "evaluation_metrics": "evaluation",
+        "confusion_matrix_plot": "evaluation", "feature_importance_plot": "evaluation", "model_deployment": "release",
+    }
+
+
+@pytest.fixture(scope="module")
+def released_registry(tmp_path_factory, wine_frame):
+    """A registry with one good release, built once and copied into the tests that need one."""
+    folder = tmp_path_factory.mktemp("released")
+    (folder / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
+    (folder / "instance").mkdir()
+    with dg.instance_for_test(temp_dir=str(folder / "instance")) as instance:
+        assert run(instance, folder / "params.yaml").success
+    return folder / "registry"
+
+
+@pytest.fixture
+def registry_copy(released_registry, tmp_path):
+    target = tmp_path / "registry"
+    shutil.copytree(released_registry, target)
+    return target
+
+
+def _nan(frame):
+    frame.loc[11, "flavanoids"] = float("nan")
+    return frame
+
+
+def _out_of_range(frame):
+    frame.loc[23, "magnesium"] = 900.0
+    return frame
+
+
+def _non_numeric(frame):
+    frame["hue"] = frame["hue"].astype(object)
+    frame.loc[31, "hue"] = "pale"
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("edit", "failing_check", "column", "row"),
+    [
+        (_nan, "no_missing_values", "flavanoids", 11),
+        (_out_of_range, "value_ranges", "magnesium", 23),
+        (lambda frame: frame.drop(columns=["ash"]), "schema", "ash", None),
+        (_non_numeric, "schema", "hue", 31),
+    ],
+    ids=["nan", "out_of_range", "missing_column", "non_numeric"],
+)
+def test_bad_data_fails_its_check_and_blocks_everything_after_it(
+    instance, write_params, write_csv, registry_copy, tmp_path, edit, failing_check, column, row
+):
+    registry_before = tree_snapshot(registry_copy)
+    csv = write_csv(edit=edit)
+    result = run(instance, write_params(data={"source": csv.name}))
+    assert not result.success
+    evaluation = checks(result)[failing_check]
+    assert not evaluation.passed
+    failures = evaluation.metadata["failure_cases"].value.records
+    assert any(record.data["column"] == column and record.data["row"] == row for record in failures)
+    # Blocking: validated_wine and everything downstream were skipped in this very run.
+    assert materialized(result) == {"raw_wine"}
+    assert not (tmp_path / "artifacts" / "model.joblib").exists()
+    assert tree_snapshot(registry_copy) == registry_before
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, r"data file not found: .*absent\.csv"), ("", r"data file .*absent\.csv is empty")],
+    ids=["missing_file", "empty_file"],
+)
+def test_unreadable_sources_fail_raw_wine_with_the_file_named(
+    instance, write_params, tmp_path, registry_copy, content, expected
+):
+    if content is not None:
+        (tmp_path / "absent.csv").write_text(content)
+    before = tree_snapshot(registry_copy)
+    result = run(instance, write_params(data={"source": "absent.csv"}))
+    assert not result.success
+    assert materialized(result) == set()
+    assert re.search(r"data\.source: " + expected, errors(result))
+    assert not (tmp_path / "artifacts").exists()
+    assert tree_snapshot(registry_copy) == before
+
+
+def test_bad_params_fail_the_run_naming_the_key(instance, write_params, tmp_path):
+    result = run(instance, write_params(data={"test_size": 1.5}))
+    assert not result.success
+    assert "data.test_size = 1.5 is out of range; allowed: 0 < value < 1" in errors(result)
+    assert materialized(result) == set()
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_shuffled_labels_fail_the_gate_and_nothing_is_deployed(
+    instance, write_params, write_csv, registry_copy, tmp_path, monkeypatch
+):
+    before = tree_snapshot(registry_copy)
+    params_file = write_params(data={"source": write_csv(edit=shuffled_labels).name})
+    result = run(instance, params_file)
+    assert not result.success
+    gate = checks(result)["accuracy_threshold"]
+    assert not gate.passed
+    assert gate.metadata["accuracy"].value < 0.80
+    assert gate.metadata["margin"].value < 0
+    assert "model_deployment" not in materialized(result)
+    assert "evaluation_metrics" in materialized(result)
+    assert tree_snapshot(registry_copy) == before
+
+    # The release job re-runs the gate on the stored evaluation and skips the deployment.
+    release = run_job("release_job", instance, params_file, monkeypatch)
+    assert not release.success
+    assert not checks(release)["accuracy_threshold"].passed
+    assert materialized(release) == set()
+    assert tree_snapshot(registry_copy) == before
+
+
+def test_training_job_then_release_job_publishes_the_trained_files(instance, write_params, tmp_path, monkeypatch):
+    params_file = write_params()
+    training = run_job("training_job", instance, params_file, monkeypatch)
+    assert training.success
+    assert "model_deployment" not in materialized(training)
+    assert not (tmp_path / "registry").exists()
+
+    release = run_job("release_job", instance, params_file, monkeypatch)
+    assert release.success
+    assert materialized(release) == {"model_deployment"}
+    assert checks(release)["accuracy_threshold"].passed
+    manifest = ModelRegistry(tmp_path / "registry").verify()
+    assert manifest["files"]["model.joblib"]["sha256"] == sha256_file(tmp_path / "artifacts" / "model.joblib")
+
+    again = run_job("release_job", instance, params_file, monkeypatch)
+    assert again.success
+    deployment = again.get_asset_materialization_events()[0].step_materialization_data.materialization
+    assert deployment.metadata["new_version"].value is False
+    assert ModelRegistry(tmp_path / "registry").versions() == [1]
+
+
+def test_release_refuses_an_artifact_rewritten_after_evaluation(instance, write_params, tmp_path, monkeypatch):
+    params_file = write_params()
+    assert run_job("training_job", instance, params_file, monkeypatch).success
+    model_file = tmp_path / "artifacts" / "model.joblib"
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
+    release = run_job("release_job", instance, params_file, monkeypatch)
+    assert not release.success
+    assert "is not the file evaluation_metrics scored" in errors(release)
+    assert not (tmp_path / "registry" / "wine-classifier").exists()
+
+
+def test_a_weaker_model_warns_about_the_regression_but_still_releases(instance, write_params, registry_copy, tmp_path):
+    weak = write_params(
+        model={"n_estimators": 1, "max_depth": 1}, evaluation={"min_accuracy": 0.3, "max_regression": 0.02}
+    )
+    result = run(instance, weak)
+    assert result.success
+    regression = checks(result)["no_regression"]
+    assert not regression.passed
+    assert regression.severity == dg.AssetCheckSeverity.WARN
+    assert regression.metadata["production_version"].value == 1
+    assert regression.metadata["change"].value < -0.02
+    assert "model_deployment" in materialized(result)
+    assert ModelRegistry(registry_copy).production_version() == 2
+
+
+def test_one_value_can_be_overridden_for_one_run(instance, write_params):
+    result = run(
+        instance,
+        write_params(),
+        selection=["raw_wine", "validated_wine", "train_set", "test_set", "scaler", "wine_model"],
+        run_config={"resources": {"params": {"config": {"overrides": ["model.n_estimators=7"]}}}},
+    )
+    assert result.success
+    model = result.asset_value("wine_model")
+    assert len(model.estimators_) == 7
+
+
+def test_the_split_and_scaler_values_flow_between_assets(instance, write_params):
+    result = run(instance, write_params(), selection=["raw_wine", "validated_wine", "train_set", "test_set", "scaler"])
+    assert result.success
+    train, test = result.asset_value("train_set"), result.asset_value("test_set")
+    assert (len(train), len(test)) == (142, 36)
+    assert train.attrs["fingerprint"] == test.attrs["fingerprint"]
+    assert result.asset_value("scaler").mean_ == pytest.approx(train.drop(columns="target").mean().to_numpy())
