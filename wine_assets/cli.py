@@ -15,8 +15,8 @@ from pathlib import Path
 
 from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
 from wine_assets.registry import (
-    ModelRegistry,
     InvalidVersion,
+    ModelRegistry,
     RegistryError,
     VersionNotFound,
 )
@@ -50,7 +50,9 @@ def _out(text: str = "") -> None:
 
 def _format_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -68,7 +70,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     data = metrics.get("data", {})
     _out(f"data            {data.get('source')} ({data.get('train_rows')} train / {data.get('test_rows')} test rows)")
     _out(f"artifacts       {params.artifacts_dir}")
-    for name in ("model.joblib", "scaler.joblib", "metrics.json", "plots/confusion_matrix.png", "plots/feature_importance.png"):
+    for name in (
+        "model.joblib",
+        "scaler.joblib",
+        "metrics.json",
+        "plots/confusion_matrix.png",
+        "plots/feature_importance.png",
+    ):
         path = params.artifacts_dir / name
         _out(f"  {'ok     ' if path.is_file() else 'missing'} {name}")
     if production is None:

@@ -1,6 +1,5 @@
 """Everything Dagster loads, assembled in one place: assets, checks, jobs, executor, resources."""
 
-
 import dagster as dg
 
 from wine_assets.pipeline.evaluation import (

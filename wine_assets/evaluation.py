@@ -69,9 +69,7 @@ def compute_metrics(
     return metrics
 
 
-def evaluate(
-    model: ClassifierMixin, scaler: StandardScaler, train: pd.DataFrame, test: pd.DataFrame
-) -> dict[str, Any]:
+def evaluate(model: ClassifierMixin, scaler: StandardScaler, train: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
     """Metrics on the test set, plus where the data came from and how many rows each side had."""
     metrics = compute_metrics(test[TARGET_COLUMN].to_numpy(), predict_test(model, scaler, test))
     metrics["data"] = {
@@ -107,8 +105,14 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str])
     figure = _figure(5, 4)
     axes = figure.add_subplot()
     sns.heatmap(
-        np.asarray(matrix), annot=True, fmt="d", cmap="Blues", cbar=False,
-        xticklabels=list(labels), yticklabels=list(labels), ax=axes,
+        np.asarray(matrix),
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        cbar=False,
+        xticklabels=list(labels),
+        yticklabels=list(labels),
+        ax=axes,
     )
     axes.set_xlabel("predicted")
     axes.set_ylabel("actual")

@@ -9,13 +9,9 @@ from sklearn.preprocessing import StandardScaler
 from wine_assets.validation import FEATURE_COLUMNS, TARGET_COLUMN
 
 
-def split_frame(
-    frame: pd.DataFrame, test_size: float, random_state: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_frame(frame: pd.DataFrame, test_size: float, random_state: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stratified split by target; both halves keep the source attrs (source, fingerprint)."""
-    train, test = train_test_split(
-        frame, test_size=test_size, random_state=random_state, stratify=frame[TARGET_COLUMN]
-    )
+    train, test = train_test_split(frame, test_size=test_size, random_state=random_state, stratify=frame[TARGET_COLUMN])
     for part in (train, test):
         part.attrs = dict(frame.attrs)
     return train, test

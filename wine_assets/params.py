@@ -78,9 +78,7 @@ class DataParams:
         Rule(str),
         "'builtin' for the data set scikit-learn ships, or a path to a CSV file",
     )
-    test_size: float = _rule(
-        0.2, Rule(float, low=0, high=1, low_open=True, high_open=True), "share of rows held out"
-    )
+    test_size: float = _rule(0.2, Rule(float, low=0, high=1, low_open=True, high_open=True), "share of rows held out")
     random_state: int = _rule(42, Rule(int, low=0), "seed of the stratified split")
     watch_dir: str | None = _rule(
         None, Rule(str, nullable=True), "folder whose *.csv files the new-data sensor watches"
@@ -93,18 +91,14 @@ class ModelParams:
     max_depth: int | None = _rule(None, Rule(int, nullable=True, low=1), "null: grow fully")
     min_samples_split: int = _rule(2, Rule(int, low=2), "")
     min_samples_leaf: int = _rule(1, Rule(int, low=1), "")
-    class_weight: str | None = _rule(
-        None, Rule(str, nullable=True, choices=("balanced", "balanced_subsample")), ""
-    )
+    class_weight: str | None = _rule(None, Rule(str, nullable=True, choices=("balanced", "balanced_subsample")), "")
     random_state: int = _rule(42, Rule(int, low=0), "seed of the forest")
     n_jobs: int = _rule(1, Rule(int, low=-1, extra=_not_zero), "-1: all cores")
 
 
 @dataclass(frozen=True)
 class ValidationParams:
-    min_rows_per_class: int = _rule(
-        10, Rule(int, low=2), "fewest rows a class may have and still be split and tested"
-    )
+    min_rows_per_class: int = _rule(10, Rule(int, low=2), "fewest rows a class may have and still be split and tested")
     outlier_iqr_factor: float = _rule(
         1.5, Rule(float, low=0, low_open=True), "a value beyond Q1/Q3 -/+ factor x IQR is an outlier"
     )
@@ -116,9 +110,7 @@ class ValidationParams:
 @dataclass(frozen=True)
 class EvaluationParams:
     min_accuracy: float = _rule(0.80, Rule(float, low=0, high=1), "the release gate")
-    max_regression: float = _rule(
-        0.02, Rule(float, low=0, high=1), "accuracy drop against production that warns"
-    )
+    max_regression: float = _rule(0.02, Rule(float, low=0, high=1), "accuracy drop against production that warns")
 
 
 @dataclass(frozen=True)
@@ -228,13 +220,9 @@ def _build_section(where: str, name: str, raw: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"{where}: unknown key {name}.{unknown[0]}; "
-            f"the keys of '{name}' are: {', '.join(fields)}"
-        )
+        raise ParamsError(f"{where}: unknown key {name}.{unknown[0]}; the keys of '{name}' are: {', '.join(fields)}")
     values = {
-        key: _check_value(where, f"{name}.{key}", value, fields[key].metadata["rule"])
-        for key, value in raw.items()
+        key: _check_value(where, f"{name}.{key}", value, fields[key].metadata["rule"]) for key, value in raw.items()
     }
     return cls(**values)
 
@@ -249,9 +237,7 @@ def params_from_mapping(
         raise ParamsError(f"{where}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ParamsError(
-            f"{where}: unknown section '{unknown[0]}'; the sections are: {', '.join(SECTIONS)}"
-        )
+        raise ParamsError(f"{where}: unknown section '{unknown[0]}'; the sections are: {', '.join(SECTIONS)}")
     sections = {name: _build_section(where, name, raw.get(name)) for name in SECTIONS}
     return Params(
         **sections,
@@ -268,8 +254,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], where: str
         section, dot, key = dotted.strip().partition(".")
         if not sep or not dot or not key:
             raise ParamsError(
-                f"override {item!r} is not of the form section.key=value "
-                "(for example model.n_estimators=50)"
+                f"override {item!r} is not of the form section.key=value (for example model.n_estimators=50)"
             )
         if section not in SECTIONS:
             raise ParamsError(
@@ -294,9 +279,7 @@ def find_params_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     return local.resolve() if local.is_file() else None
 
 
-def load_params(
-    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
-) -> Params:
+def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
     """Find, read and validate the params; raise ParamsError naming file and key on a problem."""
     params_file = find_params_file(path)
     if params_file is None:

@@ -301,7 +301,11 @@ class ModelRegistry:
                 if set_production and previous != existing:
                     self._write_alias(existing)
                 return PublishResult(
-                    existing, self.version_dir(existing), manifest, False, previous,
+                    existing,
+                    self.version_dir(existing),
+                    manifest,
+                    False,
+                    previous,
                     existing if set_production else previous,
                 )
             version = self._next_version()
@@ -311,9 +315,7 @@ class ModelRegistry:
                 "tag": tag_name(version),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **manifest_fields,
-                "files": {
-                    name: {"sha256": digests[name], "bytes": len(content)} for name, content in files.items()
-                },
+                "files": {name: {"sha256": digests[name], "bytes": len(content)} for name, content in files.items()},
             }
             self.staging_dir.mkdir(parents=True, exist_ok=True)
             staged = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.staging_dir))
@@ -333,9 +335,7 @@ class ModelRegistry:
             fsync_dir(self.model_dir)
             if set_production:
                 self._write_alias(version)
-            return PublishResult(
-                version, final, manifest, True, previous, version if set_production else previous
-            )
+            return PublishResult(version, final, manifest, True, previous, version if set_production else previous)
 
     def _next_version(self) -> int:
         # Any v<N> folder counts, even one without a manifest, so a number is never reused.

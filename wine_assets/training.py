@@ -33,9 +33,7 @@ def build_model(model_params: ModelParams) -> RandomForestClassifier:
     )
 
 
-def train_model(
-    train: pd.DataFrame, scaler: StandardScaler, model_params: ModelParams
-) -> TrainingResult:
+def train_model(train: pd.DataFrame, scaler: StandardScaler, model_params: ModelParams) -> TrainingResult:
     """Fit the forest on the scaled training features; report how long the fit took."""
     features = scaler.transform(features_of(train))
     model = build_model(model_params)
@@ -44,7 +42,9 @@ def train_model(
     return TrainingResult(model=model, seconds=time.perf_counter() - started)
 
 
-def feature_importances(model: RandomForestClassifier, feature_names: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+def feature_importances(
+    model: RandomForestClassifier, feature_names: tuple[str, ...] | list[str]
+) -> list[tuple[str, float]]:
     """(feature, importance) pairs, most important first, as plain floats."""
     pairs = zip(feature_names, model.feature_importances_, strict=True)
     return sorted(((name, float(value)) for name, value in pairs), key=lambda pair: -pair[1])

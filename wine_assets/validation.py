@@ -245,9 +245,7 @@ class SampleSizeResult:
     problems: list[str]
 
 
-def check_sample_size(
-    frame: pd.DataFrame, min_rows_per_class: int, test_size: float
-) -> SampleSizeResult:
+def check_sample_size(frame: pd.DataFrame, min_rows_per_class: int, test_size: float) -> SampleSizeResult:
     """Enough rows in every class to stratify the split and still test each class."""
     problems: list[str] = []
     if TARGET_COLUMN not in frame.columns:

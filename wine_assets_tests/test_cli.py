@@ -44,7 +44,13 @@ def test_materialize_everything_then_use_the_wine_assets_command(env, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Executing steps in process" in completed.stderr
     artifacts = tmp_path / "artifacts"
-    for name in ("model.joblib", "scaler.joblib", "metrics.json", "plots/confusion_matrix.png", "plots/feature_importance.png"):
+    for name in (
+        "model.joblib",
+        "scaler.joblib",
+        "metrics.json",
+        "plots/confusion_matrix.png",
+        "plots/feature_importance.png",
+    ):
         assert (artifacts / name).is_file(), name
     accuracy = json.loads((artifacts / "metrics.json").read_text())["accuracy"]
     assert accuracy >= 0.80
@@ -142,7 +148,9 @@ def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path)
 
     registry = ModelRegistry(tmp_path / "registry")
     for tag in ("a", "b", "c"):
-        registry.publish({"model.joblib": joblib_bytes(tag), "scaler.joblib": joblib_bytes(tag)}, {"metrics": {"accuracy": 0.9}})
+        registry.publish(
+            {"model.joblib": joblib_bytes(tag), "scaler.joblib": joblib_bytes(tag)}, {"metrics": {"accuracy": 0.9}}
+        )
     moved = wine_assets("registry", "rollback", "v2", env=env, cwd=tmp_path)
     assert moved.returncode == 0 and moved.stdout.strip() == "production moved from v3 to v2"
     assert registry.production_version() == 2

@@ -59,7 +59,12 @@ def test_without_any_file_the_defaults_apply(tmp_path):
     [
         ("data", "test_size", 1.5, r"data\.test_size = 1\.5 is out of range; allowed: 0 < value < 1"),
         ("data", "test_size", 0, r"data\.test_size = 0 is out of range"),
-        ("evaluation", "min_accuracy", 1.2, r"evaluation\.min_accuracy = 1\.2 is out of range; allowed: 0 <= value <= 1"),
+        (
+            "evaluation",
+            "min_accuracy",
+            1.2,
+            r"evaluation\.min_accuracy = 1\.2 is out of range; allowed: 0 <= value <= 1",
+        ),
         ("model", "n_estimators", 0, r"model\.n_estimators = 0 is out of range; allowed: 1 <= value"),
         ("model", "n_estimators", 2.5, r"model\.n_estimators = 2\.5 is not a whole number"),
         ("model", "n_estimators", True, r"model\.n_estimators = True has the wrong type"),

@@ -17,8 +17,16 @@ from wine_assets.registry import ModelRegistry
 from .conftest import shuffled_labels, tree_snapshot
 
 ALL_ASSETS = {
-    "raw_wine", "validated_wine", "train_set", "test_set", "scaler", "wine_model",
-    "evaluation_metrics", "confusion_matrix_plot", "feature_importance_plot", "model_deployment",
+    "raw_wine",
+    "validated_wine",
+    "train_set",
+    "test_set",
+    "scaler",
+    "wine_model",
+    "evaluation_metrics",
+    "confusion_matrix_plot",
+    "feature_importance_plot",
+    "model_deployment",
 }
 RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers"}
 
@@ -108,7 +116,11 @@ def test_asset_metadata_is_what_the_ui_shows(instance, write_params):
     assert meta["raw_wine"]["rows"].value == 178
     assert meta["raw_wine"]["class_counts"].value == {"0": 59, "1": 71, "2": 48}
     assert len(meta["raw_wine"]["preview"].value.records) == 5
-    schema = defs.resolve_assets_def("validated_wine").specs_by_key[dg.AssetKey("validated_wine")].metadata["dagster/column_schema"]
+    schema = (
+        defs.resolve_assets_def("validated_wine")
+        .specs_by_key[dg.AssetKey("validated_wine")]
+        .metadata["dagster/column_schema"]
+    )
     assert [column.name for column in schema.columns][-1] == "target"
     assert len(schema.columns) == 14
     assert isinstance(meta["evaluation_metrics"]["accuracy"], dg.FloatMetadataValue)
@@ -127,9 +139,16 @@ def test_every_asset_has_a_description_code_version_and_group():
         assert node.code_version, key
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups == {
-        "raw_wine": "ingestion", "validated_wine": "validation", "train_set": "features", "test_set": "features",
-        "scaler": "features", "wine_model": "training", "evaluation_metrics": "evaluation",
-        "confusion_matrix_plot": "evaluation", "feature_importance_plot": "evaluation", "model_deployment": "release",
+        "raw_wine": "ingestion",
+        "validated_wine": "validation",
+        "train_set": "features",
+        "test_set": "features",
+        "scaler": "features",
+        "wine_model": "training",
+        "evaluation_metrics": "evaluation",
+        "confusion_matrix_plot": "evaluation",
+        "feature_importance_plot": "evaluation",
+        "model_deployment": "release",
     }
 
 

@@ -60,11 +60,26 @@ def test_features_of_orders_columns_by_the_schema(split):
 
 
 def test_model_takes_every_hyperparameter_from_params():
-    params = ModelParams(n_estimators=7, max_depth=3, min_samples_split=4, min_samples_leaf=2,
-                         class_weight="balanced", random_state=5, n_jobs=1)
+    params = ModelParams(
+        n_estimators=7,
+        max_depth=3,
+        min_samples_split=4,
+        min_samples_leaf=2,
+        class_weight="balanced",
+        random_state=5,
+        n_jobs=1,
+    )
     model = build_model(params)
     got = model.get_params()
-    for key in ("n_estimators", "max_depth", "min_samples_split", "min_samples_leaf", "class_weight", "random_state", "n_jobs"):
+    for key in (
+        "n_estimators",
+        "max_depth",
+        "min_samples_split",
+        "min_samples_leaf",
+        "class_weight",
+        "random_state",
+        "n_jobs",
+    ):
         assert got[key] == getattr(params, key)
 
 
@@ -97,7 +112,12 @@ def test_metrics_on_known_predictions():
     metrics = compute_metrics(y_true, y_pred)
     assert metrics["accuracy"] == pytest.approx(6 / 8)
     assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 3]]
-    assert metrics["per_class"]["class_1"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert metrics["per_class"]["class_1"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert metrics["recall_macro"] == pytest.approx((0.5 + 1.0 + 0.75) / 3)
     assert metrics["recall_weighted"] == pytest.approx(6 / 8)
     assert all(type(metrics[name]) is float for name in HEADLINE_METRICS)

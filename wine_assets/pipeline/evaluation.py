@@ -1,6 +1,5 @@
 """Group ``evaluation``: test-set metrics, the two plots, and the model-quality gates."""
 
-
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +8,6 @@ import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets.pipeline.metadata import png_markdown, table
-from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.evaluation import (
     HEADLINE_METRICS,
     confusion_matrix_png,
@@ -19,6 +16,8 @@ from wine_assets.evaluation import (
 )
 from wine_assets.files import write_bytes_atomic, write_json_atomic
 from wine_assets.gates import accuracy_gate, regression_gate
+from wine_assets.pipeline.metadata import png_markdown, table
+from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 from wine_assets.training import feature_importances
 from wine_assets.validation import FEATURE_COLUMNS
@@ -55,7 +54,9 @@ def evaluation_metrics(
                 per_class,
                 [("class", "string"), ("precision", "float"), ("recall", "float"), ("f1", "float"), ("support", "int")],
             ),
-            "confusion_matrix": dg.MetadataValue.json({"labels": metrics["labels"], "matrix": metrics["confusion_matrix"]}),
+            "confusion_matrix": dg.MetadataValue.json(
+                {"labels": metrics["labels"], "matrix": metrics["confusion_matrix"]}
+            ),
             "path": dg.MetadataValue.path(str(path)),
         },
     )
@@ -76,7 +77,9 @@ def _write_plot(directory: Path, name: str, png: bytes) -> Path:
 def confusion_matrix_plot(evaluation_metrics: dict[str, Any], params: WineParamsResource) -> dg.Output[str]:
     png = confusion_matrix_png(evaluation_metrics["confusion_matrix"], evaluation_metrics["labels"])
     path = _write_plot(params.values.artifacts_dir, "confusion_matrix.png", png)
-    return dg.Output(str(path), metadata={"plot": png_markdown(png, "confusion matrix"), "path": dg.MetadataValue.path(str(path))})
+    return dg.Output(
+        str(path), metadata={"plot": png_markdown(png, "confusion matrix"), "path": dg.MetadataValue.path(str(path))}
+    )
 
 
 @dg.asset(
@@ -88,7 +91,9 @@ def confusion_matrix_plot(evaluation_metrics: dict[str, Any], params: WineParams
 def feature_importance_plot(wine_model: RandomForestClassifier, params: WineParamsResource) -> dg.Output[str]:
     png = feature_importance_png(feature_importances(wine_model, FEATURE_COLUMNS))
     path = _write_plot(params.values.artifacts_dir, "feature_importance.png", png)
-    return dg.Output(str(path), metadata={"plot": png_markdown(png, "feature importance"), "path": dg.MetadataValue.path(str(path))})
+    return dg.Output(
+        str(path), metadata={"plot": png_markdown(png, "feature importance"), "path": dg.MetadataValue.path(str(path))}
+    )
 
 
 @dg.asset_check(

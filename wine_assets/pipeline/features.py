@@ -1,14 +1,13 @@
 """Group ``features``: the stratified split and the scaler."""
 
-
 import dagster as dg
 import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.features import fit_scaler, split_frame
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.ingestion import class_counts
+from wine_assets.pipeline.resources import WineParamsResource
 
 
 @dg.multi_asset(
@@ -30,8 +29,12 @@ def train_test_split_assets(validated_wine: pd.DataFrame, params: WineParamsReso
     data = params.values.data
     train, test = split_frame(validated_wine, data.test_size, data.random_state)
     common = {"test_size": data.test_size, "random_state": data.random_state}
-    yield dg.Output(train, output_name="train_set", metadata={"rows": len(train), "class_counts": class_counts(train), **common})
-    yield dg.Output(test, output_name="test_set", metadata={"rows": len(test), "class_counts": class_counts(test), **common})
+    yield dg.Output(
+        train, output_name="train_set", metadata={"rows": len(train), "class_counts": class_counts(train), **common}
+    )
+    yield dg.Output(
+        test, output_name="test_set", metadata={"rows": len(test), "class_counts": class_counts(test), **common}
+    )
 
 
 @dg.asset(
@@ -40,7 +43,9 @@ def train_test_split_assets(validated_wine: pd.DataFrame, params: WineParamsReso
     kinds={"scikitlearn"},
     description="A StandardScaler fitted on the training features only; also written to <artifacts_dir>/scaler.joblib.",
 )
-def scaler(context: dg.AssetExecutionContext, train_set: pd.DataFrame, params: WineParamsResource) -> dg.Output[StandardScaler]:
+def scaler(
+    context: dg.AssetExecutionContext, train_set: pd.DataFrame, params: WineParamsResource
+) -> dg.Output[StandardScaler]:
     fitted = fit_scaler(train_set)
     content = joblib_bytes(fitted)
     path = params.values.artifacts_dir / "scaler.joblib"

@@ -1,12 +1,11 @@
 """Group ``ingestion``: the raw wine frame."""
 
-
 import dagster as dg
 import pandas as pd
 
+from wine_assets.ingestion import IngestionError, class_counts, load_raw
 from wine_assets.pipeline.metadata import frame_preview
 from wine_assets.pipeline.resources import WineParamsResource
-from wine_assets.ingestion import IngestionError, class_counts, load_raw
 
 
 @dg.asset(

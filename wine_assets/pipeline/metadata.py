@@ -1,6 +1,5 @@
 """Helpers that turn plain results into Dagster metadata the UI can show."""
 
-
 import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +33,14 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]])
 def frame_preview(frame: pd.DataFrame, rows: int = 5) -> dg.MetadataValue:
     head = frame.head(rows)
     columns = [
-        (str(name), "float" if pd.api.types.is_float_dtype(dtype) else "int" if pd.api.types.is_integer_dtype(dtype) else "string")
+        (
+            str(name),
+            "float"
+            if pd.api.types.is_float_dtype(dtype)
+            else "int"
+            if pd.api.types.is_integer_dtype(dtype)
+            else "string",
+        )
         for name, dtype in head.dtypes.items()
     ]
     return table(head.to_dict("records"), columns)

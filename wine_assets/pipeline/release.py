@@ -50,7 +50,9 @@ def model_deployment(
     if result.created:
         context.log.info("published v%d; production is now v%d", result.version, result.production)
     else:
-        context.log.info("these model bytes are already v%d: no new version; production is v%d", result.version, result.production)
+        context.log.info(
+            "these model bytes are already v%d: no new version; production is v%d", result.version, result.production
+        )
     return dg.MaterializeResult(
         metadata={
             "version": result.version,

@@ -1,6 +1,5 @@
 """The params resource: params.yaml loaded and validated once per run (or sensor tick)."""
 
-
 import dagster as dg
 from pydantic import PrivateAttr
 

@@ -1,6 +1,5 @@
 """Group ``training``: the Random Forest."""
 
-
 import dataclasses
 
 import dagster as dg
@@ -8,9 +7,9 @@ import pandas as pd
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.preprocessing import StandardScaler
 
+from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.pipeline.metadata import table
 from wine_assets.pipeline.resources import WineParamsResource
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.training import feature_importances, train_model
 from wine_assets.validation import FEATURE_COLUMNS
 

@@ -1,6 +1,5 @@
 """Group ``validation``: pandera checks on ``raw_wine`` and the ``validated_wine`` asset."""
 
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +66,9 @@ def pandera_check_results(
     return results
 
 
-def sample_size_result(frame: pd.DataFrame, asset_key: dg.AssetKey, min_rows: int, test_size: float) -> dg.AssetCheckResult:
+def sample_size_result(
+    frame: pd.DataFrame, asset_key: dg.AssetKey, min_rows: int, test_size: float
+) -> dg.AssetCheckResult:
     outcome = check_sample_size(frame, min_rows, test_size)
     return dg.AssetCheckResult(
         asset_key=asset_key,
@@ -84,7 +85,9 @@ def sample_size_result(frame: pd.DataFrame, asset_key: dg.AssetKey, min_rows: in
     )
 
 
-def outlier_result(frame: pd.DataFrame, asset_key: dg.AssetKey, iqr_factor: float, max_share: float) -> dg.AssetCheckResult:
+def outlier_result(
+    frame: pd.DataFrame, asset_key: dg.AssetKey, iqr_factor: float, max_share: float
+) -> dg.AssetCheckResult:
     rows = find_outliers(frame, iqr_factor)
     flagged = [row.column for row in rows if row.share > max_share]
     return dg.AssetCheckResult(
@@ -95,7 +98,13 @@ def outlier_result(frame: pd.DataFrame, asset_key: dg.AssetKey, iqr_factor: floa
         metadata={
             "outliers_per_feature": table(
                 [vars(row) for row in rows],
-                [("column", "string"), ("lower_fence", "float"), ("upper_fence", "float"), ("outliers", "int"), ("share", "float")],
+                [
+                    ("column", "string"),
+                    ("lower_fence", "float"),
+                    ("upper_fence", "float"),
+                    ("outliers", "int"),
+                    ("share", "float"),
+                ],
             ),
             "features_over_threshold": ", ".join(flagged) or "none",
             "max_outlier_share": max_share,
@@ -142,5 +151,9 @@ def validated_wine(context: dg.AssetExecutionContext, raw_wine: pd.DataFrame) ->
         raise dg.Failure(description=str(exc)) from exc
     return dg.Output(
         frame,
-        metadata={"rows": len(frame), "dagster/row_count": len(frame), "fingerprint": frame.attrs.get("fingerprint", "")},
+        metadata={
+            "rows": len(frame),
+            "dagster/row_count": len(frame),
+            "fingerprint": frame.attrs.get("fingerprint", ""),
+        },
     )
