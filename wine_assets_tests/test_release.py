@@ -1,0 +1,80 @@
+"""The release stage as plain functions: artifact identity, the simulated production check, the manifest."""
+
+import subprocess
+
+import pytest
+
+from wine_assets.evaluation import evaluate
+from wine_assets.features import fit_scaler, split_frame
+from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
+from wine_assets.params import load_params
+from wine_assets.registry import ModelRegistry
+from wine_assets.release import ReleaseError, manifest_fields, read_evaluated_artifacts, release
+from wine_assets.training import train_model
+
+from .conftest import tree_snapshot
+
+
+@pytest.fixture
+def trained(write_params, wine_frame):
+    """A params file, its artifacts written as the pipeline writes them, and what was evaluated."""
+    params = load_params(write_params(model={"n_estimators": 10}))
+    frame = wine_frame.copy()
+    frame.attrs = {"source": "builtin", "fingerprint": "f" * 64}
+    train, test = split_frame(frame, 0.2, 42)
+    scaler = fit_scaler(train)
+    model = train_model(train, scaler, params.model).model
+    files = {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)}
+    for name, content in files.items():
+        write_bytes_atomic(params.artifacts_dir / name, content)
+    evaluated = {name: sha256_bytes(content) for name, content in files.items()}
+    return params, evaluate(model, scaler, train, test), test, evaluated
+
+
+def test_release_publishes_the_evaluated_files(trained):
+    params, metrics, test, evaluated = trained
+    result = release(evaluated, metrics, test, params, run_id="run-1")
+    assert result.created and result.version == 1 and result.production == 1
+    manifest = result.manifest
+    assert {name: manifest["files"][name]["sha256"] for name in evaluated} == evaluated
+    assert manifest["dagster_run_id"] == "run-1"
+    assert manifest["data_fingerprint"] == "f" * 64
+    assert manifest["feature_names"][0] == "alcohol" and len(manifest["feature_names"]) == 13
+    assert manifest["class_labels"] == ["class_0", "class_1", "class_2"]
+    assert manifest["metrics"]["accuracy"] == metrics["accuracy"]
+    stored_params = (result.path / "params.yaml").read_text()
+    assert "n_estimators: 10" in stored_params
+
+
+def test_a_bundle_that_scores_differently_is_discarded(trained):
+    params, metrics, test, evaluated = trained
+    registry = ModelRegistry(params.registry_dir)
+    registry.publish({"model.joblib": b"earlier", "scaler.joblib": b"earlier"}, {})
+    before = tree_snapshot(params.registry_dir)
+    claimed = dict(metrics, accuracy=metrics["accuracy"] - 0.25)
+    with pytest.raises(ReleaseError, match="scores .* not the evaluated .*production was not moved"):
+        release(evaluated, claimed, test, params)
+    assert tree_snapshot(params.registry_dir) == before
+    assert registry.versions() == [1] and registry.production_version() == 1
+
+
+def test_artifacts_must_be_the_evaluated_ones(trained):
+    params, metrics, test, evaluated = trained
+    with pytest.raises(ReleaseError, match="no record of which model.joblib"):
+        read_evaluated_artifacts(params.artifacts_dir, {"model.joblib": None, "scaler.joblib": "x"})
+    with pytest.raises(ReleaseError, match=r"scaler\.joblib \(sha256 .*\) is not the file evaluation_metrics scored"):
+        read_evaluated_artifacts(params.artifacts_dir, dict(evaluated, **{"scaler.joblib": "0" * 64}))
+    (params.artifacts_dir / "model.joblib").unlink()
+    with pytest.raises(ReleaseError, match=r"model\.joblib is missing: run training_job"):
+        read_evaluated_artifacts(params.artifacts_dir, evaluated)
+    assert not params.registry_dir.exists()
+
+
+def test_manifest_records_the_git_commit_when_there_is_one(trained, tmp_path):
+    params, metrics, _, _ = trained
+    assert manifest_fields(metrics, params, None)["git_commit"] is None
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert manifest_fields(metrics, params, None)["git_commit"] == head.strip()
