@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from wine_assets.files import write_bytes_atomic
 from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
 from wine_assets.registry import (
     InvalidVersion,
@@ -83,6 +85,27 @@ def cmd_summary(args: argparse.Namespace) -> int:
         _out(f"production      none yet in {registry.model_dir}")
     else:
         _out(f"production      v{production} in {registry.version_dir(production)}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from wine_assets.predict import PredictionInputError, format_predictions, predict, read_input
+
+    root = Path(args.registry) if args.registry else _params(args).registry_dir
+    data = sys.stdin.buffer.read() if args.input == "-" else None
+    try:
+        frame = read_input(args.input, data)
+        result = predict(frame, version=args.version, registry_dir=root, strict=args.strict)
+    except PredictionInputError as exc:
+        raise CliError(f"{exc}", EXIT_BAD_INPUT) from exc
+    text = format_predictions(result.predictions, args.format)
+    if args.output:
+        write_bytes_atomic(args.output, text.encode("utf-8"))
+        sys.stderr.write(
+            f"wine-assets: {len(result.predictions)} prediction(s) by v{result.version} written to {args.output}\n"
+        )
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -160,8 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="accuracy, artifacts and production version of the last run")
     summary.set_defaults(handler=cmd_summary)
 
-    registry = commands.add_parser("registry", help="list, show and roll back released model versions")
-    registry.add_argument("--registry", metavar="DIR", help="registry folder (default: paths.registry_dir)")
+    registry_option = argparse.ArgumentParser(add_help=False)
+    registry_option.add_argument("--registry", metavar="DIR", help="registry folder (default: paths.registry_dir)")
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[registry_option],
+        help="predict classes for a CSV or JSON file of wines",
+        description=(
+            "Predict the class of each row with a released model. INPUT is a CSV file, a JSON file of "
+            "records, or - for standard input. Column order does not matter; extra columns are ignored "
+            "with a warning. Invalid input exits with code 2 and writes nothing."
+        ),
+    )
+    predict.add_argument("input", metavar="INPUT", help="a .csv or .json file, or - for standard input")
+    predict.add_argument("--version", help="a registry version such as 3 or v3 (default: production)")
+    predict.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
+    predict.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    predict.add_argument("--strict", action="store_true", help="refuse columns the model does not use")
+    predict.set_defaults(handler=cmd_predict)
+
+    registry = commands.add_parser(
+        "registry", parents=[registry_option], help="list, show and roll back released model versions"
+    )
     registry_commands = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
     listing = registry_commands.add_parser("list", help="every published version; * marks production")
     listing.set_defaults(handler=cmd_registry_list)
@@ -175,7 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_warnings_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("wine-assets: warning: %(message)s"))
+    package_logger = logging.getLogger("wine_assets")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.WARNING)
+    package_logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _log_warnings_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

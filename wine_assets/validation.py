@@ -291,3 +291,45 @@ def find_outliers(frame: pd.DataFrame, iqr_factor: float) -> list[OutlierRow]:
         count = int(np.count_nonzero((values < low) | (values > high)))
         rows.append(OutlierRow(column, low, high, count, count / values.size))
     return rows
+
+
+def schema_bounds(schema: Any) -> dict[str, tuple[float, float]] | None:
+    """(min, max) per column from a pandera schema's ge/le checks.
+
+    None when a column is nullable or carries any other check: then only pandera can decide.
+    """
+    bounds = {}
+    for name, column in schema.columns.items():
+        if column.nullable:
+            return None
+        low, high = -np.inf, np.inf
+        for check in column.checks:
+            if check.name == "greater_than_or_equal_to":
+                low = float(check.statistics["min_value"])
+            elif check.name == "less_than_or_equal_to":
+                high = float(check.statistics["max_value"])
+            else:
+                return None
+        bounds[str(name)] = (low, high)
+    return bounds
+
+
+_FEATURE_BOUNDS = schema_bounds(WineFeatures.to_schema())
+
+
+def fast_features_valid(frame: pd.DataFrame) -> bool:
+    """True only when pandera's WineFeatures would accept these feature columns unchanged.
+
+    A vectorized pass over the same bounds as the schema, so valid input skips pandera's
+    per-call overhead; False means "let pandera look", which then reports every failure.
+    """
+    if _FEATURE_BOUNDS is None or list(frame.columns) != list(_FEATURE_BOUNDS):
+        return False
+    if not all(
+        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype) for dtype in frame.dtypes
+    ):
+        return False
+    values = frame.to_numpy(dtype=np.float64)
+    lows = np.array([low for low, _ in _FEATURE_BOUNDS.values()])
+    highs = np.array([high for _, high in _FEATURE_BOUNDS.values()])
+    return bool(not np.isnan(values).any() and (values >= lows).all() and (values <= highs).all())

@@ -51,7 +51,7 @@ def run(instance, params_file, selection=None, run_config=None):
 
 def run_job(name, instance, params_file, monkeypatch):
     monkeypatch.setenv("WINE_ASSETS_PARAMS", str(params_file))
-    return defs.get_job_def(name).execute_in_process(instance=instance, raise_on_error=False)
+    return defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False)
 
 
 def materialized(result):

@@ -1,0 +1,193 @@
+"""Predictions from a released model, with the input checked by the training schema's features.
+
+    from wine_assets.predict import predict
+    result = predict(frame)                 # the production model, loaded once per process
+    result.predictions                      # predicted_class, predicted_label, probability_<label>...
+
+A bundle is loaded through the registry, which verifies every file's sha256 against the
+manifest before anything is unpickled. Bundles are cached per process by registry folder and
+version; the ``production`` alias is read on every call, so a rollback is picked up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from wine_assets.params import load_params
+from wine_assets.registry import Bundle, ModelRegistry
+from wine_assets.validation import (
+    FEATURE_COLUMNS,
+    MAX_LISTED_FAILURES,
+    WineFeatures,
+    collect_failures,
+    fast_features_valid,
+)
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[Path, int], Bundle] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+class PredictionInputError(ValueError):
+    """The input cannot be scored; the message names the column and the row."""
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    predictions: pd.DataFrame
+    version: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_bundle(version: int | str | None = None, registry_dir: str | Path | None = None) -> Bundle:
+    """A verified bundle (production by default), loaded once per process and reused."""
+    root = Path(registry_dir) if registry_dir is not None else load_params().registry_dir
+    registry = ModelRegistry(root.resolve())
+    number = registry.resolve(version)
+    key = (registry.root, number)
+    with _CACHE_LOCK:
+        bundle = _CACHE.get(key)
+        if bundle is None:
+            bundle = registry.load(number)
+            _CACHE[key] = bundle
+    return bundle
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def prepare_features(frame: pd.DataFrame, strict: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The 13 features in training order, as floats; or PredictionInputError naming column and row.
+
+    Column order does not matter. Extra columns are ignored with a warning, or refused when
+    ``strict``. Values are checked with the feature part of the training schema.
+    """
+    if frame.shape[0] == 0:
+        raise PredictionInputError("the input has no rows to predict")
+    names = [str(name) for name in frame.columns]
+    missing = [name for name in FEATURE_COLUMNS if name not in names]
+    if missing:
+        raise PredictionInputError(
+            f"the input lacks column(s) {', '.join(missing)}; every row needs all of: {', '.join(FEATURE_COLUMNS)}"
+        )
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise PredictionInputError(f"the input has column(s) {', '.join(duplicated)} more than once")
+    extra = [name for name in names if name not in FEATURE_COLUMNS]
+    warnings = []
+    if extra:
+        if strict:
+            raise PredictionInputError(f"the input has column(s) the model does not use: {', '.join(extra)} (--strict)")
+        warnings.append(f"ignoring column(s) the model does not use: {', '.join(extra)}")
+    features = frame.loc[:, list(FEATURE_COLUMNS)]
+    if fast_features_valid(features):
+        return features.astype(np.float64, copy=False), warnings
+    validated, failures = collect_failures(WineFeatures, features)
+    if failures or validated is None:
+        shown = [case.describe() for case in failures[:MAX_LISTED_FAILURES]]
+        more = len(failures) - len(shown)
+        raise PredictionInputError(
+            f"{len(failures)} problem(s) in the input (rows count from 0, the header not included):\n  - "
+            + "\n  - ".join(shown)
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+    return validated.astype(np.float64, copy=False), warnings
+
+
+def score(bundle: Bundle, features: pd.DataFrame) -> pd.DataFrame:
+    """Predicted class, its label and one probability column per class, in the input's row order."""
+    probabilities = bundle.model.predict_proba(bundle.scaler.transform(features))
+    classes = [int(value) for value in bundle.model.classes_]
+    labels = dict(zip(bundle.manifest["class_values"], bundle.manifest["class_labels"], strict=True))
+    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
+    result = pd.DataFrame(
+        {
+            "predicted_class": predicted,
+            "predicted_label": [labels[int(value)] for value in predicted],
+        }
+    )
+    for position, value in enumerate(classes):
+        result[f"probability_{labels[value]}"] = probabilities[:, position]
+    return result
+
+
+def predict(
+    frame: pd.DataFrame,
+    version: int | str | None = None,
+    registry_dir: str | Path | None = None,
+    strict: bool = False,
+) -> PredictionResult:
+    """Validate ``frame`` and score it with a released model (production by default)."""
+    bundle = load_bundle(version, registry_dir)
+    features, warnings = prepare_features(frame, strict=strict)
+    for warning in warnings:
+        logger.warning(warning)
+    return PredictionResult(score(bundle, features), bundle.version, warnings)
+
+
+def read_input(source: str, data: bytes | None = None) -> pd.DataFrame:
+    """Read CSV or JSON records from a file, or from ``data`` (standard input) when source is '-'.
+
+    The format follows the file's extension; standard input is JSON when it starts with
+    '[' or '{', CSV otherwise.
+    """
+    if data is None:
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise PredictionInputError(f"input file not found: {source}") from None
+        except IsADirectoryError:
+            raise PredictionInputError(f"input {source} is a folder, not a file") from None
+        kind = "json" if path.suffix.lower() == ".json" else "csv" if path.suffix.lower() == ".csv" else None
+    else:
+        kind = None
+    text = data.decode("utf-8-sig", errors="strict") if data else ""
+    if not text.strip():
+        raise PredictionInputError(f"the input {_name(source)} is empty")
+    if kind is None:
+        kind = "json" if text.lstrip()[:1] in "[{" else "csv"
+    return _parse_json(text, source) if kind == "json" else _parse_csv(text, source)
+
+
+def _name(source: str) -> str:
+    return "on standard input" if source == "-" else source
+
+
+def _parse_csv(text: str, source: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise PredictionInputError(f"the input {_name(source)} is not a readable CSV: {exc}") from exc
+
+
+def _parse_json(text: str, source: str) -> pd.DataFrame:
+    try:
+        records: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PredictionInputError(f"the input {_name(source)} is not valid JSON: {exc}") from exc
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise PredictionInputError(
+            f"the input {_name(source)} must be a JSON list of records (objects keyed by column name)"
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def format_predictions(predictions: pd.DataFrame, output_format: str) -> str:
+    if output_format == "json":
+        return json.dumps(predictions.to_dict("records"), indent=2) + "\n"
+    return predictions.to_csv(index=False, lineterminator="\n")

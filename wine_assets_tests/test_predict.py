@@ -1,0 +1,268 @@
+"""Predictions from the released model: the Python API, input validation, and the real command."""
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from wine_assets import predict as predict_module
+from wine_assets.definitions import ASSET_CHECKS, ASSETS
+from wine_assets.features import fit_scaler
+from wine_assets.files import joblib_bytes
+from wine_assets.params import ModelParams
+from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.predict import PredictionInputError, load_bundle, predict, prepare_features, read_input
+from wine_assets.registry import ChecksumError, ModelRegistry, NoProductionModel
+from wine_assets.training import train_model
+from wine_assets.validation import FEATURE_COLUMNS, WineFeatures, collect_failures, fast_features_valid
+
+from .conftest import tree_snapshot
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The real pipeline run once: its registry, test set and evaluation."""
+    folder = tmp_path_factory.mktemp("released")
+    (folder / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
+    (folder / "instance").mkdir()
+    with dg.instance_for_test(temp_dir=str(folder / "instance")) as instance:
+        result = dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            instance=instance,
+            resources={"params": WineParamsResource(params_file=str(folder / "params.yaml"))},
+        )
+        test_set = result.asset_value("test_set")
+        metrics = result.asset_value("evaluation_metrics")
+    return {"registry": folder / "registry", "test_set": test_set, "metrics": metrics}
+
+
+@pytest.fixture
+def registry_dir(released, tmp_path):
+    """A private copy of the released registry, with an empty bundle cache."""
+    target = tmp_path / "registry"
+    shutil.copytree(released["registry"], target)
+    predict_module.clear_cache()
+    yield target
+    predict_module.clear_cache()
+
+
+def features(released):
+    return released["test_set"].drop(columns="target")
+
+
+def test_release_then_predict_reproduces_the_evaluation(released, registry_dir):
+    result = predict(features(released), registry_dir=registry_dir)
+    predictions = result.predictions
+    truth = released["test_set"]["target"].to_numpy()
+    assert result.version == 1
+    assert len(predictions) == len(truth) == 36
+    accuracy = float((predictions["predicted_class"].to_numpy() == truth).mean())
+    assert accuracy == released["metrics"]["accuracy"]
+    matrix = pd.crosstab(truth, predictions["predicted_class"]).reindex(
+        index=[0, 1, 2], columns=[0, 1, 2], fill_value=0
+    )
+    assert matrix.to_numpy().tolist() == released["metrics"]["confusion_matrix"]
+    probabilities = predictions[["probability_class_0", "probability_class_1", "probability_class_2"]].to_numpy()
+    assert probabilities.sum(axis=1) == pytest.approx(np.ones(36))
+    assert (predictions["predicted_label"] == "class_" + predictions["predicted_class"].astype(str)).all()
+    assert result.warnings == []
+
+
+def test_column_order_does_not_matter(released, registry_dir):
+    frame = features(released)
+    shuffled = frame[list(reversed(frame.columns))]
+    pd.testing.assert_frame_equal(
+        predict(shuffled, registry_dir=registry_dir).predictions, predict(frame, registry_dir=registry_dir).predictions
+    )
+
+
+def test_extra_columns_warn_or_are_refused_when_strict(released, registry_dir):
+    frame = features(released).assign(vintage=2019)
+    assert predict(frame, registry_dir=registry_dir).warnings == ["ignoring column(s) the model does not use: vintage"]
+    with pytest.raises(PredictionInputError, match="does not use: vintage"):
+        predict(frame, registry_dir=registry_dir, strict=True)
+
+
+def _row_problem(frame, column, row, value):
+    frame = frame.reset_index(drop=True)
+    if isinstance(value, str):
+        frame[column] = frame[column].astype(object)
+    frame.loc[row, column] = value
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "value", "expected"),
+    [
+        ("hue", 4, np.nan, r"column 'hue', check not_nullable, row 4: nan"),
+        ("proline", 7, 99999.0, r"column 'proline', check less_than_or_equal_to\(3360\.0\), row 7: 99999\.0"),
+        ("ash", 2, "chalky", r"column 'ash', check coerce_dtype\('float64'\), row 2: chalky"),
+        ("magnesium", 0, -5.0, r"column 'magnesium', check greater_than_or_equal_to\(35\.0\), row 0: -5\.0"),
+    ],
+    ids=["nan", "out_of_range", "non_numeric", "negative"],
+)
+def test_bad_values_name_the_column_and_the_row(released, registry_dir, column, row, value, expected):
+    with pytest.raises(PredictionInputError, match=expected):
+        predict(_row_problem(features(released), column, row, value), registry_dir=registry_dir)
+
+
+def test_missing_columns_and_empty_input_are_refused(released, registry_dir):
+    with pytest.raises(PredictionInputError, match="lacks column.s. flavanoids"):
+        predict(features(released).drop(columns="flavanoids"), registry_dir=registry_dir)
+    with pytest.raises(PredictionInputError, match="no rows"):
+        predict(features(released).head(0), registry_dir=registry_dir)
+
+
+def test_no_model_deployed_says_to_run_the_release_job(tmp_path):
+    with pytest.raises(NoProductionModel, match="run the release job"):
+        load_bundle(registry_dir=tmp_path / "empty")
+
+
+def test_a_tampered_model_is_never_unpickled(released, registry_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (registry_dir / "wine-classifier" / "v1" / "model.joblib").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ChecksumError):
+        predict(features(released), registry_dir=registry_dir)
+    assert not marker.exists()
+
+
+def test_the_bundle_is_loaded_once_and_a_rollback_is_picked_up(released, registry_dir):
+    first = load_bundle(registry_dir=registry_dir)
+    assert load_bundle(registry_dir=registry_dir) is first
+    # A second, different release (a small forest fitted on the test rows) becomes production.
+    test_set = released["test_set"]
+    scaler = fit_scaler(test_set)
+    model = train_model(test_set, scaler, ModelParams(n_estimators=3)).model
+    registry = ModelRegistry(registry_dir)
+    manifest = registry.manifest(1)
+    registry.publish(
+        {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)},
+        {"class_values": manifest["class_values"], "class_labels": manifest["class_labels"]},
+    )
+    assert load_bundle(registry_dir=registry_dir).version == 2
+    assert predict(features(released), registry_dir=registry_dir).version == 2
+    registry.set_production(1)
+    assert load_bundle(registry_dir=registry_dir) is first
+    assert predict(features(released), registry_dir=registry_dir, version="v2").version == 2
+
+
+def test_read_input_handles_csv_json_and_standard_input(released, tmp_path):
+    frame = features(released).head(3)
+    csv = tmp_path / "w.csv"
+    frame.to_csv(csv, index=False)
+    records = tmp_path / "w.json"
+    records.write_text(frame.to_json(orient="records"))
+    for loaded in (
+        read_input(str(csv)),
+        read_input(str(records)),
+        read_input("-", csv.read_bytes()),
+        read_input("-", records.read_bytes()),
+    ):
+        assert list(loaded.columns) == list(FEATURE_COLUMNS)
+        assert loaded.to_numpy() == pytest.approx(frame.to_numpy())
+    single = read_input("-", json.dumps(frame.iloc[0].to_dict()).encode())
+    assert len(single) == 1
+    with pytest.raises(PredictionInputError, match="must be a JSON list of records"):
+        read_input("-", b"[1, 2]")
+    with pytest.raises(PredictionInputError, match="is empty"):
+        read_input("-", b"  \n")
+    with pytest.raises(PredictionInputError, match="input file not found"):
+        read_input(str(tmp_path / "absent.csv"))
+    with pytest.raises(PredictionInputError, match="not valid JSON"):
+        read_input("-", b"{oops")
+
+
+def test_the_fast_check_agrees_with_pandera(released):
+    """fast_features_valid may only say yes where pandera says yes; it must say yes to clean data."""
+    rng = np.random.default_rng(0)
+    base = features(released).reset_index(drop=True)
+    agreements = 0
+    for _ in range(150):
+        frame = base.sample(5, random_state=int(rng.integers(1_000_000))).reset_index(drop=True)
+        kind = rng.integers(5)
+        column = str(rng.choice(list(FEATURE_COLUMNS)))
+        if kind == 1:
+            frame.loc[int(rng.integers(5)), column] = np.nan
+        elif kind == 2:
+            frame.loc[int(rng.integers(5)), column] = 1e6
+        elif kind == 3:
+            frame.loc[int(rng.integers(5)), column] = -1.0
+        elif kind == 4:
+            frame[column] = frame[column].round().astype(int)  # ints are fine: pandera coerces them
+        validated, failures = collect_failures(WineFeatures, frame)
+        assert fast_features_valid(frame) == (not failures), (kind, column)
+        agreements += 1
+    assert agreements == 150
+    assert prepare_features(base)[0].dtypes.unique().tolist() == [np.float64]
+
+
+# -- the real command --------------------------------------------------------------------------
+def run_cli(*args, stdin=None, cwd):
+    return subprocess.run([str(BIN / "wine-assets"), *args], input=stdin, capture_output=True, cwd=cwd, timeout=120)
+
+
+def test_cli_predicts_csv_to_csv_and_json_on_standard_input(released, registry_dir, tmp_path):
+    frame = features(released)
+    csv = tmp_path / "wines.csv"
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "predictions.csv"
+    completed = run_cli("predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    written = pd.read_csv(out)
+    assert list(written.columns) == [
+        "predicted_class",
+        "predicted_label",
+        "probability_class_0",
+        "probability_class_1",
+        "probability_class_2",
+    ]
+    accuracy = (written["predicted_class"].to_numpy() == released["test_set"]["target"].to_numpy()).mean()
+    assert accuracy == released["metrics"]["accuracy"]
+
+    records = frame.head(2).to_json(orient="records").encode()
+    piped = run_cli("predict", "-", "--format", "json", "--registry", str(registry_dir), stdin=records, cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr
+    rows = json.loads(piped.stdout)
+    assert len(rows) == 2 and set(rows[0]) == set(written.columns)
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(released, registry_dir, tmp_path):
+    bad = _row_problem(features(released), "alcohol", 3, np.nan)
+    csv = tmp_path / "bad.csv"
+    bad.to_csv(csv, index=False)
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier results\n")
+    completed = run_cli("predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path)
+    assert completed.returncode == 2
+    assert b"column 'alcohol', check not_nullable, row 3: nan" in completed.stderr
+    assert completed.stdout == b""
+    assert out.read_text() == "earlier results\n"
+    strict = run_cli("predict", "-", "--strict", "--registry", str(registry_dir), stdin=b"x\n1\n", cwd=tmp_path)
+    assert strict.returncode == 2 and b"lacks column(s) alcohol" in strict.stderr
+
+
+def test_cli_without_a_release_or_with_a_tampered_one_exits_1(released, registry_dir, tmp_path):
+    csv = tmp_path / "wines.csv"
+    features(released).to_csv(csv, index=False)
+    empty = run_cli("predict", str(csv), "--registry", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert empty.returncode == 1 and b"run the release job" in empty.stderr
+    before = tree_snapshot(registry_dir)
+    (registry_dir / "wine-classifier" / "v1" / "scaler.joblib").write_bytes(b"not the scaler")
+    tampered = run_cli("predict", str(csv), "--registry", str(registry_dir), cwd=tmp_path)
+    assert tampered.returncode == 1 and b"does not match its sha256" in tampered.stderr
+    assert tampered.stdout == b""
+    assert set(tree_snapshot(registry_dir)) == set(before)
