@@ -13,8 +13,10 @@ __all__ = ["defs"]
 
 def __getattr__(name: str) -> Any:
     if name == "defs":
-        from wine_assets.definitions import defs
-
+        try:
+            from wine_assets.definitions import defs
+        except AttributeError as exc:  # would otherwise surface as "cannot import name 'defs'"
+            raise ImportError(f"wine_assets.definitions failed to load: {exc!r}") from exc
         return defs
     raise AttributeError(f"module 'wine_assets' has no attribute {name!r}")
 

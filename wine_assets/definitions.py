@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from wine_assets.pipeline.automation import build_new_data_sensor, build_release_sensor, build_retrain_schedule
 from wine_assets.pipeline.evaluation import (
     accuracy_threshold,
     confusion_matrix_plot,
@@ -14,7 +15,7 @@ from wine_assets.pipeline.ingestion import raw_wine
 from wine_assets.pipeline.release import model_deployment
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.pipeline.training import wine_model
-from wine_assets.pipeline.validation import raw_wine_checks, validated_wine
+from wine_assets.pipeline.validation import feature_drift, raw_wine_checks, validated_wine
 
 
 @dg.executor(
@@ -46,7 +47,7 @@ ASSETS = [
     feature_importance_plot,
     model_deployment,
 ]
-ASSET_CHECKS = [raw_wine_checks, accuracy_threshold, no_regression]
+ASSET_CHECKS = [raw_wine_checks, feature_drift, accuracy_threshold, no_regression]
 
 TRAINING_GROUPS = ("ingestion", "validation", "features", "training", "evaluation")
 
@@ -67,10 +68,16 @@ release_job = dg.define_asset_job(
     ),
 )
 
+new_data_sensor = build_new_data_sensor(training_job)
+release_after_training = build_release_sensor(training_job, release_job)
+retrain_schedule = build_retrain_schedule(training_job)
+
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
     jobs=[training_job, release_job],
+    sensors=[new_data_sensor, release_after_training],
+    schedules=[retrain_schedule],
     resources={"params": WineParamsResource()},
     executor=in_process_or_multiprocess,
 )

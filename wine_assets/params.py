@@ -105,6 +105,12 @@ class ValidationParams:
     max_outlier_share: float = _rule(
         0.05, Rule(float, low=0, high=1), "share of outlier rows in a feature that raises a warning"
     )
+    drift_p_value: float = _rule(
+        0.01, Rule(float, low=0, high=1, low_open=True), "KS-test p-value below which a feature has drifted"
+    )
+    drift_reference_rows: int = _rule(
+        5000, Rule(int, low=10), "training rows kept with a release as the drift reference"
+    )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Layout under ``paths.registry_dir``::
 
     wine-classifier/
-        v1/  model.joblib  scaler.joblib  metrics.json  params.yaml  manifest.json
+        v1/  model.joblib  scaler.joblib  metrics.json  params.yaml  reference.csv  manifest.json
         v2/  ...
         production          # one line naming the version, e.g. "v2"
     .staging/               # bundles being written; never read as versions
@@ -42,6 +42,7 @@ PRODUCTION_ALIAS = "production"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.joblib"
 SCALER_FILE = "scaler.joblib"
+REFERENCE_FILE = "reference.csv"
 REQUIRED_FILES = (MODEL_FILE, SCALER_FILE)
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -224,6 +225,21 @@ class ModelRegistry:
 
     def verify(self, version: int | str | None = None) -> dict[str, Any]:
         return verify_dir(self.version_dir(self.resolve(version)))
+
+    def read_file(self, version: int | str | None, name: str) -> bytes:
+        """One file of a version, returned only if its sha256 matches the manifest."""
+        number = self.resolve(version)
+        path = self.version_dir(number)
+        entry = self.manifest(number).get("files", {}).get(name)
+        if entry is None:
+            raise RegistryError(f"v{number} has no file {name}")
+        try:
+            content = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise ChecksumError(f"{path / name} is missing: the bundle is incomplete") from None
+        if sha256_bytes(content) != entry.get("sha256"):
+            raise ChecksumError(f"{path / name} does not match its sha256 in the manifest")
+        return content
 
     def load(self, version: int | str | None = None) -> Bundle:
         """Load a version (production by default) after verifying every checksum."""

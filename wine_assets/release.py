@@ -16,10 +16,19 @@ from typing import Any
 import pandas as pd
 from sklearn.metrics import accuracy_score
 
+from wine_assets.drift import reference_sample
 from wine_assets.evaluation import HEADLINE_METRICS, predict_test
 from wine_assets.files import json_text, sha256_bytes
 from wine_assets.params import Params, params_to_yaml
-from wine_assets.registry import MODEL_FILE, SCALER_FILE, Bundle, ModelRegistry, PublishResult, git_commit
+from wine_assets.registry import (
+    MODEL_FILE,
+    REFERENCE_FILE,
+    SCALER_FILE,
+    Bundle,
+    ModelRegistry,
+    PublishResult,
+    git_commit,
+)
 from wine_assets.validation import CLASS_LABELS, CLASS_VALUES, FEATURE_COLUMNS, TARGET_COLUMN
 
 
@@ -84,14 +93,21 @@ def reproduces_accuracy(test: pd.DataFrame, expected: float) -> Callable[[Bundle
 def release(
     evaluated: Mapping[str, str | None],
     metrics: Mapping[str, Any],
+    train: pd.DataFrame,
     test: pd.DataFrame,
     params: Params,
     run_id: str | None = None,
 ) -> PublishResult:
-    """Publish the evaluated artifacts to the registry in params and make them production."""
+    """Publish the evaluated artifacts to the registry in params and make them production.
+
+    The bundle also keeps a sample of the training features (``reference.csv``), the
+    reference the feature_drift check compares new data with.
+    """
     files = read_evaluated_artifacts(params.artifacts_dir, evaluated)
     files["metrics.json"] = json_text(dict(metrics)).encode("utf-8")
     files["params.yaml"] = params_to_yaml(params).encode("utf-8")
+    reference = reference_sample(train, params.validation.drift_reference_rows, params.data.random_state)
+    files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
     return ModelRegistry(params.registry_dir).publish(
         files,
         manifest_fields(metrics, params, run_id),

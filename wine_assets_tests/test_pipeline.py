@@ -28,7 +28,7 @@ ALL_ASSETS = {
     "feature_importance_plot",
     "model_deployment",
 }
-RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers"}
+RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers", "feature_drift"}
 
 
 @pytest.fixture
@@ -329,3 +329,23 @@ def test_the_split_and_scaler_values_flow_between_assets(instance, write_params)
     assert (len(train), len(test)) == (142, 36)
     assert train.attrs["fingerprint"] == test.attrs["fingerprint"]
     assert result.asset_value("scaler").mean_ == pytest.approx(train.drop(columns="target").mean().to_numpy())
+
+
+def test_feature_drift_warns_against_the_production_training_data(instance, write_params, write_csv, registry_copy):
+    same = run(instance, write_params(data={"source": write_csv("same.csv").name}), selection=["raw_wine"])
+    assert checks(same)["feature_drift"].passed
+    assert checks(same)["feature_drift"].metadata["drifted_features"].value == "none"
+
+    def shifted(frame):
+        frame["alcohol"] += 2.0  # still within the schema's bounds, far outside the training data
+        return frame
+
+    drifted = run(instance, write_params(data={"source": write_csv("shifted.csv", edit=shifted).name}))
+    drift = checks(drifted)["feature_drift"]
+    assert not drift.passed
+    assert drift.severity == dg.AssetCheckSeverity.WARN
+    assert drift.metadata["drifted_features"].value == "alcohol"
+    tests = {record.data["feature"]: record.data for record in drift.metadata["ks_tests"].value.records}
+    assert tests["alcohol"]["p_value"] < 0.01 and tests["alcohol"]["drifted"] is True
+    assert len(tests) == 13
+    assert drifted.success  # a warning, not a gate

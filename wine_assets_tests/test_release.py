@@ -2,6 +2,7 @@
 
 import subprocess
 
+import pandas as pd
 import pytest
 
 from wine_assets.evaluation import evaluate
@@ -11,6 +12,7 @@ from wine_assets.params import load_params
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError, manifest_fields, read_evaluated_artifacts, release
 from wine_assets.training import train_model
+from wine_assets.validation import FEATURE_COLUMNS
 
 from .conftest import tree_snapshot
 
@@ -28,12 +30,12 @@ def trained(write_params, wine_frame):
     for name, content in files.items():
         write_bytes_atomic(params.artifacts_dir / name, content)
     evaluated = {name: sha256_bytes(content) for name, content in files.items()}
-    return params, evaluate(model, scaler, train, test), test, evaluated
+    return params, evaluate(model, scaler, train, test), train, test, evaluated
 
 
 def test_release_publishes_the_evaluated_files(trained):
-    params, metrics, test, evaluated = trained
-    result = release(evaluated, metrics, test, params, run_id="run-1")
+    params, metrics, train, test, evaluated = trained
+    result = release(evaluated, metrics, train, test, params, run_id="run-1")
     assert result.created and result.version == 1 and result.production == 1
     manifest = result.manifest
     assert {name: manifest["files"][name]["sha256"] for name in evaluated} == evaluated
@@ -44,22 +46,24 @@ def test_release_publishes_the_evaluated_files(trained):
     assert manifest["metrics"]["accuracy"] == metrics["accuracy"]
     stored_params = (result.path / "params.yaml").read_text()
     assert "n_estimators: 10" in stored_params
+    reference = pd.read_csv(result.path / "reference.csv")
+    assert list(reference.columns) == list(FEATURE_COLUMNS) and len(reference) == len(train)
 
 
 def test_a_bundle_that_scores_differently_is_discarded(trained):
-    params, metrics, test, evaluated = trained
+    params, metrics, train, test, evaluated = trained
     registry = ModelRegistry(params.registry_dir)
     registry.publish({"model.joblib": b"earlier", "scaler.joblib": b"earlier"}, {})
     before = tree_snapshot(params.registry_dir)
     claimed = dict(metrics, accuracy=metrics["accuracy"] - 0.25)
     with pytest.raises(ReleaseError, match="scores .* not the evaluated .*production was not moved"):
-        release(evaluated, claimed, test, params)
+        release(evaluated, claimed, train, test, params)
     assert tree_snapshot(params.registry_dir) == before
     assert registry.versions() == [1] and registry.production_version() == 1
 
 
 def test_artifacts_must_be_the_evaluated_ones(trained):
-    params, metrics, test, evaluated = trained
+    params, _, _, _, evaluated = trained
     with pytest.raises(ReleaseError, match="no record of which model.joblib"):
         read_evaluated_artifacts(params.artifacts_dir, {"model.joblib": None, "scaler.joblib": "x"})
     with pytest.raises(ReleaseError, match=r"scaler\.joblib \(sha256 .*\) is not the file evaluation_metrics scored"):
@@ -71,7 +75,7 @@ def test_artifacts_must_be_the_evaluated_ones(trained):
 
 
 def test_manifest_records_the_git_commit_when_there_is_one(trained, tmp_path):
-    params, metrics, _, _ = trained
+    params, metrics, _, _, _ = trained
     assert manifest_fields(metrics, params, None)["git_commit"] is None
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

@@ -152,3 +152,14 @@ def test_regression_gate_against_production():
     assert not dropped.passed
     assert dropped.change == pytest.approx(-0.05)
     assert "production v3" in dropped.message
+
+
+def test_drift_is_found_only_where_the_distribution_moved(wine_frame):
+    from wine_assets.drift import feature_drift, reference_sample
+
+    reference = reference_sample(wine_frame, max_rows=100, seed=0)
+    assert len(reference) == 100 and "target" not in reference.columns
+    calm = feature_drift(wine_frame, reference, 0.01)
+    assert len(calm) == 13 and not any(row.drifted for row in calm)
+    moved = wine_frame.assign(hue=wine_frame["hue"] * 1.5)
+    assert [row.feature for row in feature_drift(moved, reference, 0.01) if row.drifted] == ["hue"]

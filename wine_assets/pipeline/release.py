@@ -40,11 +40,14 @@ def evaluated_artifacts(context: dg.AssetExecutionContext) -> dict[str, str | No
 def model_deployment(
     context: dg.AssetExecutionContext,
     evaluation_metrics: dict[str, Any],
+    train_set: pd.DataFrame,
     test_set: pd.DataFrame,
     params: WineParamsResource,
 ) -> dg.MaterializeResult:
     try:
-        result = release(evaluated_artifacts(context), evaluation_metrics, test_set, params.values, context.run.run_id)
+        result = release(
+            evaluated_artifacts(context), evaluation_metrics, train_set, test_set, params.values, context.run.run_id
+        )
     except (ReleaseError, RegistryError) as exc:
         raise dg.Failure(description=str(exc)) from exc
     if result.created:

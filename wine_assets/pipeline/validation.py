@@ -1,5 +1,6 @@
 """Group ``validation``: pandera checks on ``raw_wine`` and the ``validated_wine`` asset."""
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -7,8 +8,10 @@ import dagster as dg
 import pandas as pd
 from pandera.errors import SchemaErrorReason
 
+from wine_assets.drift import feature_drift as feature_drift_rows
 from wine_assets.pipeline.metadata import column_schema, table
 from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.registry import REFERENCE_FILE, ModelRegistry, RegistryError
 from wine_assets.validation import (
     DEFAULT_CONCERNS,
     MAX_LISTED_FAILURES,
@@ -155,5 +158,55 @@ def validated_wine(context: dg.AssetExecutionContext, raw_wine: pd.DataFrame) ->
             "rows": len(frame),
             "dagster/row_count": len(frame),
             "fingerprint": frame.attrs.get("fingerprint", ""),
+        },
+    )
+
+
+@dg.asset_check(
+    asset="raw_wine",
+    blocking=False,
+    description=(
+        "Each feature's distribution against the training data of the production model "
+        "(two-sample Kolmogorov-Smirnov test); warns when a p-value is below validation.drift_p_value."
+    ),
+)
+def feature_drift(raw_wine: pd.DataFrame, params: WineParamsResource) -> dg.AssetCheckResult:
+    values = params.values
+    registry = ModelRegistry(values.registry_dir)
+    production = registry.production_version()
+    if production is None:
+        return dg.AssetCheckResult(
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="no model in production yet: no reference data to compare with",
+            metadata={"reference": "none"},
+        )
+    try:
+        reference = pd.read_csv(io.BytesIO(registry.read_file(production, REFERENCE_FILE)))
+    except RegistryError as exc:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"the reference data of production v{production} cannot be used: {exc}",
+            metadata={"reference": f"v{production}"},
+        )
+    rows = feature_drift_rows(raw_wine, reference, values.validation.drift_p_value)
+    drifted = [row.feature for row in rows if row.drifted]
+    return dg.AssetCheckResult(
+        passed=not drifted,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"drift in {', '.join(drifted)} against production v{production}"
+            if drifted
+            else f"no feature drifted against production v{production}"
+        ),
+        metadata={
+            "reference": f"v{production} ({len(reference)} training rows)",
+            "drifted_features": ", ".join(drifted) or "none",
+            "p_value_threshold": values.validation.drift_p_value,
+            "ks_tests": table(
+                [vars(row) for row in rows],
+                [("feature", "string"), ("statistic", "float"), ("p_value", "float"), ("drifted", "bool")],
+            ),
         },
     )

@@ -1,0 +1,124 @@
+"""End to end: a real `dagster dev` (webserver and daemon) on 127.0.0.1 reacting to a new CSV.
+
+The new-data sensor must request a training run, the release sensor a release run after it,
+and a new version must appear in the registry; all observed through the webserver's GraphQL API.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from wine_assets.registry import ModelRegistry
+
+from .conftest import cli_env
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+BUDGET_SECONDS = 180
+RUNS_QUERY = "{ runsOrError { ... on Runs { results { runId jobName status tags { key value } } } } }"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def graphql(port: int, query: str) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop dagster dev and everything it started (webserver, daemon, code server, runs)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            # The leader is gone; make sure no member of its group outlives it.
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_new_csv_trains_and_releases_through_the_sensors(tmp_path, dagster_home, write_params, write_csv):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    params_file = write_params(data={"watch_dir": "incoming"})
+    env = cli_env(dagster_home, params_file)
+    env.update(WINE_ASSETS_SENSORS="running", WINE_ASSETS_SENSOR_INTERVAL="3")
+    port = free_port()
+    log_path = tmp_path / "dagster_dev.log"
+    deadline = time.monotonic() + BUDGET_SECONDS
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", "-m", "wine_assets", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        sensors = None
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                answer = graphql(
+                    port,
+                    '{ sensorsOrError(repositorySelector: {repositoryName: "__repository__", '
+                    'repositoryLocationName: "wine_assets"}) { ... on Sensors { results { name '
+                    "sensorState { status } } } } }",
+                )
+                sensors = {
+                    item["name"]: item["sensorState"]["status"]
+                    for item in answer["data"]["sensorsOrError"].get("results", [])
+                }
+                if sensors:
+                    break
+            except (urllib.error.URLError, ConnectionError, KeyError, TypeError):
+                pass
+            time.sleep(1)
+        assert sensors == {"new_data_sensor": "RUNNING", "release_after_training": "RUNNING"}, sensors
+
+        csv = write_csv("incoming/harvest-2026.csv")
+        runs: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            results = graphql(port, RUNS_QUERY)["data"]["runsOrError"]["results"]
+            runs = {run["jobName"]: run["status"] for run in results}
+            assert "FAILURE" not in runs.values(), (runs, log_path.read_text()[-3000:])
+            if runs.get("training_job") == "SUCCESS" and runs.get("release_job") == "SUCCESS":
+                break
+            time.sleep(2)
+        assert runs == {"training_job": "SUCCESS", "release_job": "SUCCESS"}, runs
+        training = next(run for run in results if run["jobName"] == "training_job")
+        tags = {tag["key"]: tag["value"] for tag in training["tags"]}
+        assert tags["wine_assets/data_source"] == str(csv)
+
+        registry = ModelRegistry(tmp_path / "registry")
+        assert registry.versions() == [1]
+        manifest = registry.verify()
+        assert manifest["data_source"] == str(csv)
+        assert manifest["dagster_run_id"] in {run["runId"] for run in results}
+    finally:
+        stop_group(server)
+    assert server.poll() is not None
