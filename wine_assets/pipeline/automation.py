@@ -134,5 +134,7 @@ def build_retrain_schedule(training_job: Any) -> dg.ScheduleDefinition:
         cron_schedule="0 3 * * *",
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Retrain every day at 03:00 UTC. Stopped by default; start it in the UI or with dagster schedule start.",
+        description=(
+            "Retrain every day at 03:00 UTC. Stopped by default; start it in the UI or with dagster schedule start."
+        ),
     )
