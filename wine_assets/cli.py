@@ -21,6 +21,7 @@ from wine_assets.registry import (
     ModelRegistry,
     RegistryError,
     VersionNotFound,
+    extract_bundle,
 )
 
 EXIT_OK = 0
@@ -62,12 +63,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     metrics_path = params.artifacts_dir / "metrics.json"
     if not metrics_path.is_file():
         raise CliError(f"no metrics at {metrics_path}: run the pipeline first (make run)")
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    from wine_assets.report import ReportError, read_json
+
+    try:
+        metrics = read_json(metrics_path, "metrics")
+    except ReportError as exc:
+        raise CliError(str(exc)) from exc
+    missing = [name for name in ("accuracy", "f1_macro") if not isinstance(metrics.get(name), (int, float))]
+    if missing:
+        raise CliError(f"{metrics_path} has no numeric {', '.join(missing)}: re-run the pipeline")
     registry = ModelRegistry(params.registry_dir)
     production = registry.production_version()
     threshold = params.evaluation.min_accuracy
-    verdict = "passes" if metrics["accuracy"] >= threshold else "FAILS"
-    _out(f"test accuracy   {metrics['accuracy']:.4f} ({verdict} the gate of {threshold:.2f})")
+    passed = metrics["accuracy"] >= threshold
+    _out(f"test accuracy   {metrics['accuracy']:.4f} ({'passes' if passed else 'FAILS'} the gate of {threshold:.2f})")
     _out(f"f1 (macro)      {metrics['f1_macro']:.4f}")
     data = metrics.get("data", {})
     _out(f"data            {data.get('source')} ({data.get('train_rows')} train / {data.get('test_rows')} test rows)")
@@ -85,13 +94,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
         _out(f"production      none yet in {registry.model_dir}")
     else:
         _out(f"production      v{production} in {registry.version_dir(production)}")
-    return EXIT_OK
+    return EXIT_OK if passed else EXIT_FAILED
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from wine_assets.predict import PredictionInputError, format_predictions, predict, read_input
 
-    root = Path(args.registry) if args.registry else _params(args).registry_dir
+    root = _registry(args).root
     data = sys.stdin.buffer.read() if args.input == "-" else None
     try:
         frame = read_input(args.input, data)
@@ -104,6 +113,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sys.stderr.write(
             f"wine-assets: {len(result.predictions)} prediction(s) by v{result.version} written to {args.output}\n"
         )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    from wine_assets.report import ReportError, load_baseline, plot_links, read_json, render
+
+    params = _params(args)
+    metrics_path = Path(args.metrics) if args.metrics else params.artifacts_dir / "metrics.json"
+    output = Path(args.output) if args.output else None
+    try:
+        current = read_json(metrics_path, "current metrics")
+        baseline = load_baseline(args.baseline, params.registry_dir)
+    except ReportError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    checks = None
+    if os.environ.get("DAGSTER_HOME"):
+        import dagster as dg
+
+        from wine_assets.definitions import defs
+        from wine_assets.pipeline.history import latest_check_results
+
+        with dg.DagsterInstance.get() as instance:
+            checks = latest_check_results(instance, defs)
+    report_dir = (output.parent if output else Path.cwd()).resolve()
+    text = render(
+        current,
+        baseline,
+        current.get("params") or params.to_dict(),
+        checks,
+        plot_links(metrics_path.resolve().parent, report_dir),
+    )
+    if output:
+        write_bytes_atomic(output, text.encode("utf-8"))
+        sys.stderr.write(f"wine-assets: report written to {output}\n")
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -168,6 +215,31 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_registry_export(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    version = registry.resolve(args.version)
+    output = Path(args.output or f"{registry.name}-v{version}.tar.gz")
+    registry.export(version, output)
+    _out(f"exported v{version} to {output}")
+    return EXIT_OK
+
+
+def cmd_registry_import(args: argparse.Namespace) -> int:
+    import tempfile
+
+    registry = _registry(args)
+    source = Path(args.bundle)
+    if not source.exists():
+        raise CliError(f"bundle not found: {source}", EXIT_BAD_INPUT)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = source if source.is_dir() else extract_bundle(source, Path(scratch))
+        version, added = registry.import_dir(folder, set_production=args.production)
+    state = "imported as" if added else "already present as"
+    production = f"; production is v{registry.production_version()}" if args.production else ""
+    _out(f"{source}: {state} v{version}{production}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wine-assets",
@@ -180,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    summary = commands.add_parser("summary", help="accuracy, artifacts and production version of the last run")
+    summary = commands.add_parser(
+        "summary", help="accuracy, artifacts and production version of the last run (exit 1 when the gate fails)"
+    )
     summary.set_defaults(handler=cmd_summary)
 
     registry_option = argparse.ArgumentParser(add_help=False)
@@ -203,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--strict", action="store_true", help="refuse columns the model does not use")
     predict.set_defaults(handler=cmd_predict)
 
+    report = commands.add_parser(
+        "report",
+        help="markdown report: metrics against a baseline, changed params, checks, plots",
+        description=(
+            "Write the markdown a reviewer reads on a pull request. The baseline is the production model "
+            "in the registry (default) or a metrics.json file, e.g. the main branch's."
+        ),
+    )
+    report.add_argument("--baseline", default="production", metavar="production|PATH", help="default: production")
+    report.add_argument("--metrics", metavar="PATH", help="current metrics (default: <artifacts_dir>/metrics.json)")
+    report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    report.set_defaults(handler=cmd_report)
+
     registry = commands.add_parser(
         "registry", parents=[registry_option], help="list, show and roll back released model versions"
     )
@@ -216,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = registry_commands.add_parser("rollback", help="verify a version's checksums, then make it production")
     rollback.add_argument("version", help="a version such as 3 or v3")
     rollback.set_defaults(handler=cmd_registry_rollback)
+    export = registry_commands.add_parser("export", help="write a version as a .tar.gz bundle (for a release)")
+    export.add_argument("version", nargs="?", help="a version such as 3 or v3 (default: production)")
+    export.add_argument("--output", metavar="FILE", help="default: wine-classifier-v<N>.tar.gz")
+    export.set_defaults(handler=cmd_registry_export)
+    imported = registry_commands.add_parser(
+        "import", help="add an exported bundle (.tar.gz or folder), checksums verified"
+    )
+    imported.add_argument("bundle", help="a .tar.gz from registry export, or its unpacked folder")
+    imported.add_argument("--production", action="store_true", help="also make it production")
+    imported.set_defaults(handler=cmd_registry_import)
     return parser
 
 
@@ -241,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except RegistryError as exc:
         return _fail(str(exc), EXIT_FAILED)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", EXIT_FAILED)
 
 
 def _fail(message: str, code: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
@@ -25,3 +27,10 @@ def features_of(frame: pd.DataFrame) -> pd.DataFrame:
 def fit_scaler(train: pd.DataFrame) -> StandardScaler:
     """A StandardScaler fitted on the training features only, so no test data leaks in."""
     return StandardScaler().fit(features_of(train))
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """sha256 of a frame's columns, index and values (pandas' row hashes, fast at a million rows)."""
+    digest = hashlib.sha256("\x1f".join(map(str, frame.columns)).encode("utf-8"))
+    digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    return digest.hexdigest()

@@ -1,8 +1,9 @@
-"""Small file helpers shared by the stages: hashing and atomic writes."""
+"""Small file helpers shared by the stages: hashing, durable and atomic writes."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -12,16 +13,34 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def sha256_bytes(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
+def sha256_and_size(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """sha256 and length of one read of a file's bytes."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    return sha256_and_size(path)[0]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -33,10 +52,26 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_private_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in ``parent`` with the usual permissions (mkdtemp makes it 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(folder, DIR_MODE)
+    return folder
+
+
+def write_bytes_durably(path: Path, content: bytes) -> None:
+    """Write a new file and fsync it (no rename: for files inside a folder that is renamed later)."""
+    with open(path, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], content: bytes) -> None:
     """Write to a temporary file beside the target, fsync, then rename over it.
 
-    A reader sees the old file or the new one, never a half-written one.
+    A reader sees the old file or the new one, never a half-written one. The file gets the
+    permissions a plain ``open`` would give it (mkstemp alone would make it owner-only).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +80,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], content: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
             handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
@@ -62,9 +98,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def joblib_bytes(obj: Any) -> bytes:
-    """The bytes ``joblib.dump`` writes for ``obj``; equal objects give equal bytes."""
-    import io
-
+    """The bytes ``joblib.dump`` writes for ``obj``."""
     import joblib
 
     buffer = io.BytesIO()

@@ -254,7 +254,10 @@ def params_from_mapping(
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], where: str) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw params document."""
-    merged: dict[str, Any] = {name: dict(raw.get(name) or {}) for name in raw}
+    merged: dict[str, Any] = {
+        name: dict(value) if isinstance(value, Mapping) else ({} if value is None else value)
+        for name, value in raw.items()
+    }
     for item in overrides:
         dotted, sep, text = item.partition("=")
         section, dot, key = dotted.strip().partition(".")
@@ -270,7 +273,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], where: str
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ParamsError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
-        merged.setdefault(section, {})[key.strip()] = value
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ParamsError(f"{where}: section '{section}' must be a mapping of keys to values")
+        target[key.strip()] = value
     return merged
 
 

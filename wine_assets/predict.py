@@ -11,6 +11,7 @@ version; the ``production`` alias is read on every call, so a rollback is picked
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -92,6 +93,20 @@ def prepare_features(frame: pd.DataFrame, strict: bool = False) -> tuple[pd.Data
             raise PredictionInputError(f"the input has column(s) the model does not use: {', '.join(extra)} (--strict)")
         warnings.append(f"ignoring column(s) the model does not use: {', '.join(extra)}")
     features = frame.loc[:, list(FEATURE_COLUMNS)]
+    # pandera would coerce true/false to 1.0/0.0; a flag where a measurement belongs is a mistake.
+    # Only boolean and mixed (object) columns can hold one, so numeric columns are not scanned.
+    flags = [
+        f"column '{column}', row {row}: {value!r} is a true/false value, not a number"
+        for column in FEATURE_COLUMNS
+        if not pd.api.types.is_numeric_dtype(features[column].dtype)
+        or pd.api.types.is_bool_dtype(features[column].dtype)
+        for row, value in enumerate(features[column])
+        if isinstance(value, (bool, np.bool_))
+    ]
+    if flags:
+        raise PredictionInputError(
+            "\n  - ".join([f"{len(flags)} problem(s) in the input:", *flags[:MAX_LISTED_FAILURES]])
+        )
     if fast_features_valid(features):
         return features.astype(np.float64, copy=False), warnings
     validated, failures = collect_failures(WineFeatures, features)
@@ -154,7 +169,12 @@ def read_input(source: str, data: bytes | None = None) -> pd.DataFrame:
         kind = "json" if path.suffix.lower() == ".json" else "csv" if path.suffix.lower() == ".csv" else None
     else:
         kind = None
-    text = data.decode("utf-8-sig", errors="strict") if data else ""
+    try:
+        text = data.decode("utf-8-sig") if data else ""
+    except UnicodeDecodeError as exc:
+        raise PredictionInputError(
+            f"the input {_name(source)} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     if not text.strip():
         raise PredictionInputError(f"the input {_name(source)} is empty")
     if kind is None:
@@ -167,6 +187,11 @@ def _name(source: str) -> str:
 
 
 def _parse_csv(text: str, source: str) -> pd.DataFrame:
+    # pandas renames a repeated header (alcohol, alcohol.1); a repeated column is an error here.
+    header = next(csv.reader(io.StringIO(text)), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise PredictionInputError(f"the input {_name(source)} has column(s) {', '.join(repeated)} more than once")
     try:
         return pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wine_assets.files import fsync_dir, sha256_bytes, sha256_file, write_bytes_atomic
+from wine_assets.files import fsync_dir, make_private_dir, sha256_bytes, write_bytes_atomic, write_bytes_durably
 
 MODEL_NAME = "wine-classifier"
 PRODUCTION_ALIAS = "production"
@@ -106,44 +106,62 @@ def parse_version(text: str | int) -> int:
     return value
 
 
-def verify_dir(path: Path) -> dict[str, Any]:
-    """Read a bundle folder's manifest and check every listed file's sha256; return the manifest."""
+def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ChecksumError(f"{manifest_path} is missing: the bundle is incomplete") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ChecksumError(f"{manifest_path} is not valid JSON ({exc}): the bundle is damaged") from exc
-    files = manifest.get("files")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
-        raise ChecksumError(f"{manifest_path} does not list {', '.join(REQUIRED_FILES)}")
+        raise ChecksumError(f"{manifest_path} does not list {', '.join(REQUIRED_FILES)}: the bundle is damaged")
+    return manifest
+
+
+def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A bundle folder's manifest and the bytes of every listed file, each checked against its sha256.
+
+    The bytes returned are the bytes hashed: nothing can be swapped in between.
+    """
+    manifest = _read_manifest(path)
+    contents: dict[str, bytes] = {}
     problems = []
-    for name, entry in files.items():
-        file_path = path / name
-        if not file_path.is_file():
+    for name, entry in manifest["files"].items():
+        try:
+            content = (path / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
             problems.append(f"{name} is missing")
-        elif sha256_file(file_path) != entry.get("sha256"):
+            continue
+        if not isinstance(entry, dict) or sha256_bytes(content) != entry.get("sha256"):
             problems.append(f"{name} does not match its sha256 in the manifest")
+            continue
+        contents[name] = content
     if problems:
         raise ChecksumError(
             f"{path}: {'; '.join(problems)}. The files were changed after release; "
             "refusing to load them (a joblib file runs code when loaded)."
         )
-    return manifest
+    return manifest, contents
+
+
+def verify_dir(path: Path) -> dict[str, Any]:
+    """Check every file of a bundle folder against its manifest; return the manifest."""
+    return read_verified(path)[0]
 
 
 def load_dir(path: Path) -> Bundle:
-    """Verify a bundle folder, then (only then) unpickle its scaler and model."""
+    """Verify a bundle folder, then unpickle its scaler and model from exactly the verified bytes."""
     import joblib
 
-    manifest = verify_dir(path)
+    manifest, contents = read_verified(path)
     return Bundle(
         version=int(manifest["version"]),
         path=path,
         manifest=manifest,
-        model=joblib.load(path / MODEL_FILE),
-        scaler=joblib.load(path / SCALER_FILE),
+        model=joblib.load(io.BytesIO(contents[MODEL_FILE])),
+        scaler=joblib.load(io.BytesIO(contents[SCALER_FILE])),
     )
 
 
@@ -199,10 +217,9 @@ class ModelRegistry:
 
     def manifest(self, version: int) -> dict[str, Any]:
         """A version's manifest, read without verifying or loading its files."""
-        path = self.version_dir(version) / MANIFEST_FILE
-        if not path.is_file():
+        if not (self.version_dir(version) / MANIFEST_FILE).is_file():
             raise VersionNotFound(self._missing_message(version))
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _read_manifest(self.version_dir(version))
 
     def production_manifest(self) -> dict[str, Any] | None:
         version = self.production_version()
@@ -217,6 +234,11 @@ class ModelRegistry:
                     f"no model in production in {self.model_dir}: run the release job first "
                     "(dagster job execute -m wine_assets -j release_job, or make release)"
                 )
+            if current not in self.versions():
+                raise RegistryError(
+                    f"{self.alias_path} names v{current}, which is not in the registry: "
+                    "point production at a published version with wine-assets registry rollback"
+                )
             return current
         number = parse_version(version)
         if number not in self.versions():
@@ -230,12 +252,12 @@ class ModelRegistry:
         """One file of a version, returned only if its sha256 matches the manifest."""
         number = self.resolve(version)
         path = self.version_dir(number)
-        entry = self.manifest(number).get("files", {}).get(name)
+        entry = self.manifest(number)["files"].get(name)
         if entry is None:
             raise RegistryError(f"v{number} has no file {name}")
         try:
             content = (path / name).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise ChecksumError(f"{path / name} is missing: the bundle is incomplete") from None
         if sha256_bytes(content) != entry.get("sha256"):
             raise ChecksumError(f"{path / name} does not match its sha256 in the manifest")
@@ -278,12 +300,19 @@ class ModelRegistry:
     def _write_alias(self, version: int) -> None:
         write_bytes_atomic(self.alias_path, f"v{version}\n".encode("ascii"))
 
+    def _production_before_write(self) -> int | None:
+        # A damaged alias must not block the write that repairs it: treat it as "no production".
+        try:
+            return self.production_version()
+        except (RegistryError, OSError, UnicodeDecodeError):
+            return None
+
     def set_production(self, version: int | str) -> tuple[int | None, int]:
         """Verify a version's checksums, then point ``production`` at it; (previous, new)."""
         with self.lock():
             number = self.resolve(version)
             verify_dir(self.version_dir(number))
-            previous = self.production_version()
+            previous = self._production_before_write()
             if previous != number:
                 self._write_alias(number)
             return previous, number
@@ -310,7 +339,7 @@ class ModelRegistry:
         digests = {name: sha256_bytes(content) for name, content in files.items()}
         with self.lock():
             self._sweep_staging()
-            previous = self.production_version()
+            previous = self._production_before_write()
             existing = self.find_same(digests)
             if existing is not None:
                 manifest = verify_dir(self.version_dir(existing))
@@ -333,25 +362,80 @@ class ModelRegistry:
                 **manifest_fields,
                 "files": {name: {"sha256": digests[name], "bytes": len(content)} for name, content in files.items()},
             }
-            self.staging_dir.mkdir(parents=True, exist_ok=True)
-            staged = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.staging_dir))
-            try:
-                for name, content in files.items():
-                    _write_durably(staged / name, content)
-                _write_durably(staged / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
-                fsync_dir(staged)
-                if check is not None:
-                    check(load_dir(staged))
-                self.model_dir.mkdir(parents=True, exist_ok=True)
-                final = self.version_dir(version)
-                os.rename(staged, final)
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-            fsync_dir(self.model_dir)
+            contents = {**files, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()}
+            final = self._stage_and_rename(version, contents, check)
             if set_production:
                 self._write_alias(version)
             return PublishResult(version, final, manifest, True, previous, version if set_production else previous)
+
+    def _stage_and_rename(
+        self, version: int, contents: Mapping[str, bytes], check: Callable[[Bundle], None] | None
+    ) -> Path:
+        """Write a bundle into .staging, fsync, verify its checksums (and, given ``check``, load it
+        back and run the check), then rename it into place as v<version>. On any failure the
+        staged bundle is removed."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        staged = make_private_dir(self.staging_dir, prefix=f"v{version}-")
+        final = self.version_dir(version)
+        try:
+            for name, content in contents.items():
+                write_bytes_durably(staged / name, content)
+            fsync_dir(staged)
+            if check is not None:
+                check(load_dir(staged))
+            else:
+                verify_dir(staged)
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(staged, final)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        fsync_dir(self.model_dir)
+        return final
+
+    def import_dir(self, source: Path, set_production: bool = False) -> tuple[int, bool]:
+        """Add a bundle folder (from ``export``) under the version its manifest names; (version, added).
+
+        Its checksums are verified first. A version already present with the same files is
+        left alone; one with different files is refused.
+        """
+        manifest = verify_dir(source)
+        version = parse_version(manifest.get("version", 0))
+        with self.lock():
+            self._sweep_staging()
+            final = self.version_dir(version)
+            added = False
+            if final.exists():
+                present = self.manifest(version).get("files", {})
+                if present != manifest["files"]:
+                    raise RegistryError(f"{final} already holds a different v{version}; refusing to overwrite it")
+            else:
+                contents = {name: (source / name).read_bytes() for name in [*manifest["files"], MANIFEST_FILE]}
+                self._stage_and_rename(version, contents, check=None)
+                added = True
+            if set_production and self._production_before_write() != version:
+                self._write_alias(version)
+            return version, added
+
+    def export(self, version: int | str | None, output: Path) -> int:
+        """Write a version as a .tar.gz holding ``wine-classifier-v<N>/`` (checksums verified first)."""
+        import gzip
+        import tarfile
+
+        number = self.resolve(version)
+        folder = self.version_dir(number)
+        manifest = verify_dir(folder)
+        buffer = io.BytesIO()
+        # Fixed mtimes, owners and order: the same version always gives the same archive bytes.
+        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as compressed:
+            with tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as archive:
+                for name in sorted([*manifest["files"], MANIFEST_FILE]):
+                    content = (folder / name).read_bytes()
+                    info = tarfile.TarInfo(f"{self.name}-v{number}/{name}")
+                    info.size, info.mode, info.mtime = len(content), 0o644, 0
+                    archive.addfile(info, io.BytesIO(content))
+        write_bytes_atomic(output, buffer.getvalue())
+        return number
 
     def _next_version(self) -> int:
         # Any v<N> folder counts, even one without a manifest, so a number is never reused.
@@ -364,8 +448,29 @@ class ModelRegistry:
         return max(numbers) + 1
 
 
-def _write_durably(path: Path, content: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
+def extract_bundle(archive: Path, into: Path) -> Path:
+    """Unpack an exported bundle safely (plain files in one folder only); return that folder."""
+    import tarfile
+
+    try:
+        bundle = tarfile.open(archive, mode="r:gz")
+    except (OSError, tarfile.TarError) as exc:
+        raise RegistryError(f"{archive} is not a .tar.gz bundle: {exc}") from exc
+    with bundle:
+        members = bundle.getmembers()
+        folders = {Path(member.name).parts[0] for member in members if member.name}
+        for member in members:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 2 or member.name.startswith("/") or ".." in parts:
+                raise RegistryError(
+                    f"{archive}: unexpected entry {member.name!r}; a bundle holds plain files in one folder"
+                )
+        if len(folders) != 1:
+            raise RegistryError(f"{archive}: expected one bundle folder, found {len(folders)}")
+        folder = into / folders.pop()
+        folder.mkdir(parents=True)
+        for member in members:
+            handle = bundle.extractfile(member)
+            assert handle is not None  # plain files only, checked above
+            (folder / Path(member.name).name).write_bytes(handle.read())
+    return folder

@@ -18,7 +18,9 @@ from sklearn.metrics import accuracy_score
 
 from wine_assets.drift import reference_sample
 from wine_assets.evaluation import HEADLINE_METRICS, predict_test
+from wine_assets.features import frame_digest
 from wine_assets.files import json_text, sha256_bytes
+from wine_assets.gates import accuracy_gate
 from wine_assets.params import Params, params_to_yaml
 from wine_assets.registry import (
     MODEL_FILE,
@@ -62,6 +64,22 @@ def read_evaluated_artifacts(artifacts_dir: Path, evaluated: Mapping[str, str | 
     return files
 
 
+def check_evaluated_frames(train: pd.DataFrame, test: pd.DataFrame, evaluated: Mapping[str, str | None]) -> None:
+    """Refuse train and test rows other than the ones evaluation_metrics used."""
+    for name, frame in (("train_set", train), ("test_set", test)):
+        expected = evaluated.get(name)
+        if expected is None:
+            raise ReleaseError(
+                f"there is no record of which {name} evaluation_metrics used: "
+                "materialize training_job (or everything) before releasing"
+            )
+        if frame_digest(frame) != expected:
+            raise ReleaseError(
+                f"the stored {name} is not the one evaluation_metrics used (it was re-materialized "
+                "after the evaluation). Re-run training_job, then release."
+            )
+
+
 def manifest_fields(metrics: Mapping[str, Any], params: Params, run_id: str | None) -> dict[str, Any]:
     data = metrics.get("data", {})
     return {
@@ -100,9 +118,18 @@ def release(
 ) -> PublishResult:
     """Publish the evaluated artifacts to the registry in params and make them production.
 
+    ``evaluated`` holds what evaluation_metrics used: the sha256 of model.joblib and
+    scaler.joblib and the digests of train_set and test_set. Accuracy below
+    ``evaluation.min_accuracy`` is refused here too, whatever ran the release.
+
     The bundle also keeps a sample of the training features (``reference.csv``), the
     reference the feature_drift check compares new data with.
     """
+    gate = accuracy_gate(float(metrics["accuracy"]), params.evaluation.min_accuracy)
+    if not gate.passed:
+        # The blocking check stops a release job; this stops every other way in (a lone materialization).
+        raise ReleaseError(f"{gate.message}: nothing was published")
+    check_evaluated_frames(train, test, evaluated)
     files = read_evaluated_artifacts(params.artifacts_dir, evaluated)
     files["metrics.json"] = json_text(dict(metrics)).encode("utf-8")
     files["params.yaml"] = params_to_yaml(params).encode("utf-8")

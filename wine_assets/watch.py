@@ -8,16 +8,14 @@ file or one that cannot be read is skipped and looked at again on the next tick.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wine_assets.files import sha256_and_size
 from wine_assets.params import Params
-
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,13 +49,8 @@ def watched_files(params: Params) -> list[Path]:
 
 def look(path: Path) -> Look:
     """Size and sha256 of a file's bytes; OSError when it cannot be read."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return Look(size, digest.hexdigest())
+    sha256, size = sha256_and_size(path)
+    return Look(size, sha256)
 
 
 def _look_all(paths: Iterable[Path]) -> dict[Path, Look | str]:

@@ -163,3 +163,17 @@ def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path)
     assert tree_snapshot(registry.root) == before
     shown = wine_assets("registry", "show", "1", env=env, cwd=tmp_path)
     assert shown.returncode == 1 and "refusing to load" in shown.stderr
+
+
+def test_summary_exits_1_when_the_gate_fails_or_the_metrics_are_broken(env, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "f1_macro": 0.4, "data": {}}))
+    failed = wine_assets("summary", env=env, cwd=tmp_path)
+    assert failed.returncode == 1 and "0.5000 (FAILS the gate of 0.80)" in failed.stdout
+    (artifacts / "metrics.json").write_text("{oops")
+    broken = wine_assets("summary", env=env, cwd=tmp_path)
+    assert broken.returncode == 1 and "is not valid JSON" in broken.stderr and "Traceback" not in broken.stderr
+    (artifacts / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
+    partial = wine_assets("summary", env=env, cwd=tmp_path)
+    assert partial.returncode == 1 and "has no numeric f1_macro" in partial.stderr

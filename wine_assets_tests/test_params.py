@@ -120,3 +120,10 @@ def test_params_round_trip_through_yaml(write_params):
     params = load_params(write_params(model={"n_estimators": 12, "class_weight": "balanced"}))
     again = params_from_mapping(yaml.safe_load(params_to_yaml(params)))
     assert again == params
+
+
+def test_an_override_into_a_section_that_is_not_a_mapping_names_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text('model: "x"\n')
+    with pytest.raises(ParamsError, match="section 'model' must be a mapping"):
+        load_params(path, ["model.n_estimators=5"])

@@ -252,7 +252,7 @@ def test_shuffled_labels_fail_the_gate_and_nothing_is_deployed(
     assert gate.metadata["accuracy"].value < 0.80
     assert gate.metadata["margin"].value < 0
     assert "model_deployment" not in materialized(result)
-    assert "evaluation_metrics" in materialized(result)
+    assert {"evaluation_metrics", "confusion_matrix_plot"} <= materialized(result)  # the plot shows why
     assert tree_snapshot(registry_copy) == before
 
     # The release job re-runs the gate on the stored evaluation and skips the deployment.
@@ -349,3 +349,41 @@ def test_feature_drift_warns_against_the_production_training_data(instance, writ
     assert tests["alcohol"]["p_value"] < 0.01 and tests["alcohol"]["drifted"] is True
     assert len(tests) == 13
     assert drifted.success  # a warning, not a gate
+
+
+def test_materializing_the_deployment_alone_cannot_bypass_the_gate(
+    instance, write_params, write_csv, registry_copy, monkeypatch
+):
+    before = tree_snapshot(registry_copy)
+    params_file = write_params(data={"source": write_csv(edit=shuffled_labels).name})
+    assert not run_job("training_job", instance, params_file, monkeypatch).success
+    alone = run(instance, params_file, selection=["model_deployment"])
+    assert not alone.success
+    assert re.search(r"test accuracy 0\.\d+ fails the gate evaluation\.min_accuracy = 0\.8000", errors(alone))
+    assert tree_snapshot(registry_copy) == before
+
+
+def test_release_refuses_a_split_made_after_the_evaluation(instance, write_params, tmp_path, monkeypatch):
+    params_file = write_params()
+    assert run_job("training_job", instance, params_file, monkeypatch).success
+    resplit = run(
+        instance,
+        params_file,
+        selection=["raw_wine", "validated_wine", "train_set", "test_set"],
+        run_config={"resources": {"params": {"config": {"overrides": ["data.random_state=7"]}}}},
+    )
+    assert resplit.success
+    release = run_job("release_job", instance, params_file, monkeypatch)
+    assert not release.success
+    assert "is not the one evaluation_metrics used" in errors(release)
+    assert not (tmp_path / "registry" / "wine-classifier").exists()
+
+
+def test_a_damaged_production_alias_warns_and_is_repaired_by_the_next_release(instance, write_params, registry_copy):
+    (registry_copy / "wine-classifier" / "production").write_text("garbage\n")
+    result = run(instance, write_params(model={"n_estimators": 30}))
+    assert result.success
+    assert not checks(result)["no_regression"].passed
+    assert checks(result)["no_regression"].severity == dg.AssetCheckSeverity.WARN
+    assert not checks(result)["feature_drift"].passed
+    assert ModelRegistry(registry_copy).production_version() == 2

@@ -2,7 +2,9 @@
 
 import json
 import multiprocessing
+import os
 import pickle
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,9 @@ from wine_assets.registry import (
     InvalidVersion,
     ModelRegistry,
     NoProductionModel,
+    RegistryError,
     VersionNotFound,
+    extract_bundle,
     parse_version,
 )
 
@@ -205,3 +209,84 @@ def test_crash_before_the_alias_moves_keeps_the_previous_production(registry):
         {"model.joblib": joblib_bytes({"model": "b"}), "scaler.joblib": joblib_bytes({"scaler": "b"})}, {}
     )
     assert (retry.version, retry.created, registry.production_version()) == (2, False, 2)
+
+
+def test_a_damaged_alias_is_an_error_to_readers_and_repaired_by_writers(registry):
+    registry.publish(bundle("a"), FIELDS)
+    registry.alias_path.write_text("nonsense\n")
+    with pytest.raises(RegistryError, match="holds 'nonsense', not a version"):
+        registry.load()
+    assert registry.set_production(1) == (None, 1)
+    assert registry.alias_path.read_text() == "v1\n"
+    registry.alias_path.write_text("v7\n")
+    with pytest.raises(RegistryError, match="names v7, which is not in the registry") as error:
+        registry.load()
+    assert not isinstance(error.value, VersionNotFound)  # the user asked for no version: not a bad-input error
+    result = registry.publish(bundle("b"), FIELDS)
+    assert (result.previous_production, registry.production_version()) == (7, 2)
+
+
+def test_a_damaged_manifest_is_a_checksum_error(registry):
+    registry.publish(bundle("a"), FIELDS)
+    (registry.version_dir(1) / "manifest.json").write_text("{not json")
+    with pytest.raises(ChecksumError, match="is not valid JSON"):
+        registry.manifest(1)
+    with pytest.raises(ChecksumError):
+        registry.load(1)
+
+
+def test_files_get_the_usual_permissions(registry):
+    registry.publish(bundle("a"), FIELDS)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(registry.version_dir(1).stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((registry.version_dir(1) / "model.joblib").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(registry.alias_path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_export_and_import_carry_a_version_between_registries(registry, tmp_path):
+    registry.publish(bundle("a"), FIELDS)
+    registry.publish(bundle("b"), FIELDS)
+    archive = tmp_path / "v2.tar.gz"
+    assert registry.export(2, archive) == 2
+    registry.export(2, tmp_path / "again.tar.gz")
+    assert archive.read_bytes() == (tmp_path / "again.tar.gz").read_bytes()  # reproducible archive
+
+    other = ModelRegistry(tmp_path / "other")
+    folder = extract_bundle(archive, tmp_path / "unpacked")
+    assert other.import_dir(folder, set_production=True) == (2, True)
+    assert other.versions() == [2] and other.production_version() == 2
+    assert other.load().model == {"model": "b"}
+    assert other.import_dir(folder) == (2, False)
+    assert other.publish(bundle("c"), FIELDS).version == 3  # numbering continues after the import
+
+    (folder / "scaler.joblib").write_bytes(b"changed")
+    with pytest.raises(ChecksumError):
+        ModelRegistry(tmp_path / "third").import_dir(folder)
+    assert not (tmp_path / "third" / "wine-classifier").exists()
+
+
+def test_import_refuses_a_different_bundle_under_an_existing_number(registry, tmp_path):
+    registry.publish(bundle("a"), FIELDS)
+    registry.export(1, tmp_path / "a.tar.gz")
+    other = ModelRegistry(tmp_path / "other")
+    other.publish(bundle("z"), FIELDS)
+    with pytest.raises(RegistryError, match="already holds a different v1"):
+        other.import_dir(extract_bundle(tmp_path / "a.tar.gz", tmp_path / "x"))
+
+
+def test_extract_refuses_archives_that_are_not_bundles(tmp_path):
+    import io
+    import tarfile
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(RegistryError, match="unexpected entry"):
+        extract_bundle(evil, tmp_path / "into")
+    assert not (tmp_path / "outside.txt").exists()
+    (tmp_path / "plain.tar.gz").write_text("not an archive")
+    with pytest.raises(RegistryError, match="is not a .tar.gz bundle"):
+        extract_bundle(tmp_path / "plain.tar.gz", tmp_path / "into")

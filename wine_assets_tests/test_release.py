@@ -1,14 +1,15 @@
 """The release stage as plain functions: artifact identity, the simulated production check, the manifest."""
 
+import dataclasses
 import subprocess
 
 import pandas as pd
 import pytest
 
 from wine_assets.evaluation import evaluate
-from wine_assets.features import fit_scaler, split_frame
+from wine_assets.features import fit_scaler, frame_digest, split_frame
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
-from wine_assets.params import load_params
+from wine_assets.params import EvaluationParams, load_params
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError, manifest_fields, read_evaluated_artifacts, release
 from wine_assets.training import train_model
@@ -30,6 +31,7 @@ def trained(write_params, wine_frame):
     for name, content in files.items():
         write_bytes_atomic(params.artifacts_dir / name, content)
     evaluated = {name: sha256_bytes(content) for name, content in files.items()}
+    evaluated.update(train_set=frame_digest(train), test_set=frame_digest(test))
     return params, evaluate(model, scaler, train, test), train, test, evaluated
 
 
@@ -38,7 +40,8 @@ def test_release_publishes_the_evaluated_files(trained):
     result = release(evaluated, metrics, train, test, params, run_id="run-1")
     assert result.created and result.version == 1 and result.production == 1
     manifest = result.manifest
-    assert {name: manifest["files"][name]["sha256"] for name in evaluated} == evaluated
+    for name in ("model.joblib", "scaler.joblib"):
+        assert manifest["files"][name]["sha256"] == evaluated[name]
     assert manifest["dagster_run_id"] == "run-1"
     assert manifest["data_fingerprint"] == "f" * 64
     assert manifest["feature_names"][0] == "alcohol" and len(manifest["feature_names"]) == 13
@@ -55,11 +58,29 @@ def test_a_bundle_that_scores_differently_is_discarded(trained):
     registry = ModelRegistry(params.registry_dir)
     registry.publish({"model.joblib": b"earlier", "scaler.joblib": b"earlier"}, {})
     before = tree_snapshot(params.registry_dir)
+    lenient = dataclasses.replace(params, evaluation=EvaluationParams(min_accuracy=0.0))
     claimed = dict(metrics, accuracy=metrics["accuracy"] - 0.25)
     with pytest.raises(ReleaseError, match="scores .* not the evaluated .*production was not moved"):
-        release(evaluated, claimed, train, test, params)
+        release(evaluated, claimed, train, test, lenient)
     assert tree_snapshot(params.registry_dir) == before
     assert registry.versions() == [1] and registry.production_version() == 1
+
+
+def test_a_model_below_the_gate_is_refused_whatever_runs_the_release(trained):
+    params, metrics, train, test, evaluated = trained
+    with pytest.raises(ReleaseError, match=r"test accuracy 0\.5000 fails the gate .*nothing was published"):
+        release(evaluated, dict(metrics, accuracy=0.5), train, test, params)
+    assert not params.registry_dir.exists()
+
+
+def test_train_and_test_rows_must_be_the_evaluated_ones(trained, wine_frame):
+    params, metrics, train, test, evaluated = trained
+    _, other_test = split_frame(wine_frame, 0.5, 7)
+    with pytest.raises(ReleaseError, match="the stored test_set is not the one evaluation_metrics used"):
+        release(evaluated, metrics, train, other_test, params)
+    with pytest.raises(ReleaseError, match="no record of which train_set"):
+        release(dict(evaluated, train_set=None), metrics, train, test, params)
+    assert not params.registry_dir.exists()
 
 
 def test_artifacts_must_be_the_evaluated_ones(trained):

@@ -13,16 +13,22 @@ from wine_assets.registry import MODEL_FILE, SCALER_FILE, RegistryError
 from wine_assets.release import ReleaseError, release
 
 
-def evaluated_artifacts(context: dg.AssetExecutionContext) -> dict[str, str | None]:
-    """The sha256 of the model and scaler files that the stored evaluation_metrics scored.
+def evaluated_inputs(context: dg.AssetExecutionContext) -> dict[str, str | None]:
+    """What the stored evaluation_metrics used: the model and scaler files' sha256 and the
+    train and test rows' digests.
 
-    wine_model and scaler set their data version to their file's sha256, and Dagster records
-    the input data versions of every materialization: this reads them back.
+    Those assets set their data version to exactly these values, and Dagster records the input
+    data versions of every materialization: this reads them back.
     """
     provenance = context.get_asset_provenance(evaluation_metrics.key)
     versions = provenance.input_data_versions if provenance else {}
-    found = {MODEL_FILE: versions.get(wine_model.key), SCALER_FILE: versions.get(scaler.key)}
-    return {name: version.value if version else None for name, version in found.items()}
+    keys = {
+        MODEL_FILE: wine_model.key,
+        SCALER_FILE: scaler.key,
+        "train_set": dg.AssetKey("train_set"),
+        "test_set": dg.AssetKey("test_set"),
+    }
+    return {name: versions[key].value if key in versions else None for name, key in keys.items()}
 
 
 @dg.asset(
@@ -46,7 +52,7 @@ def model_deployment(
 ) -> dg.MaterializeResult:
     try:
         result = release(
-            evaluated_artifacts(context), evaluation_metrics, train_set, test_set, params.values, context.run.run_id
+            evaluated_inputs(context), evaluation_metrics, train_set, test_set, params.values, context.run.run_id
         )
     except (ReleaseError, RegistryError) as exc:
         raise dg.Failure(description=str(exc)) from exc
