@@ -4,18 +4,17 @@ import dagster as dg
 
 from wine_assets.pipeline.automation import build_new_data_sensor, build_release_sensor, build_retrain_schedule
 from wine_assets.pipeline.evaluation import (
-    accuracy_threshold,
     confusion_matrix_plot,
+    evaluation_checks,
     evaluation_metrics,
     feature_importance_plot,
-    no_regression,
 )
 from wine_assets.pipeline.features import scaler, train_test_split_assets
 from wine_assets.pipeline.ingestion import raw_wine
 from wine_assets.pipeline.release import model_deployment
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.pipeline.training import wine_model
-from wine_assets.pipeline.validation import feature_drift, raw_wine_checks, validated_wine
+from wine_assets.pipeline.validation import raw_wine_checks, validated_wine
 
 
 @dg.executor(
@@ -47,7 +46,7 @@ ASSETS = [
     feature_importance_plot,
     model_deployment,
 ]
-ASSET_CHECKS = [raw_wine_checks, feature_drift, accuracy_threshold, no_regression]
+ASSET_CHECKS = [raw_wine_checks, evaluation_checks]
 
 TRAINING_GROUPS = ("ingestion", "validation", "features", "training", "evaluation")
 

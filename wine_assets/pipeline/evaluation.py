@@ -104,14 +104,11 @@ def feature_importance_plot(wine_model: RandomForestClassifier, params: WinePara
     )
 
 
-@dg.asset_check(
-    asset=evaluation_metrics,
-    blocking=True,
-    description="The release gate: test accuracy >= evaluation.min_accuracy (0.80 by default).",
-)
-def accuracy_threshold(evaluation_metrics: dict[str, Any], params: WineParamsResource) -> dg.AssetCheckResult:
-    gate = accuracy_gate(evaluation_metrics["accuracy"], params.values.evaluation.min_accuracy)
+def accuracy_threshold_result(metrics: dict[str, Any], min_accuracy: float) -> dg.AssetCheckResult:
+    gate = accuracy_gate(metrics["accuracy"], min_accuracy)
     return dg.AssetCheckResult(
+        asset_key=evaluation_metrics.key,
+        check_name="accuracy_threshold",
         passed=bool(gate.passed),
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"accuracy": gate.accuracy, "threshold": gate.threshold, "margin": gate.margin},
@@ -119,28 +116,28 @@ def accuracy_threshold(evaluation_metrics: dict[str, Any], params: WineParamsRes
     )
 
 
-# Marked blocking so the release waits for it and it always compares against the production model
-# from before this run; it only ever fails with WARN severity, which never stops the release.
-@dg.asset_check(
-    asset=evaluation_metrics,
-    blocking=True,
-    description=(
-        "Warns when test accuracy is more than evaluation.max_regression (0.02 by default) below the "
-        "production model's. Passes when nothing is in production yet."
-    ),
-)
-def no_regression(evaluation_metrics: dict[str, Any], params: WineParamsResource) -> dg.AssetCheckResult:
-    values = params.values
-    try:
-        production = ModelRegistry(values.registry_dir).production_manifest()
-    except RegistryError as exc:
+def no_regression_result(
+    metrics: dict[str, Any], registry: ModelRegistry, max_regression: float
+) -> dg.AssetCheckResult:
+    def warn(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(
-            passed=False,
+            asset_key=evaluation_metrics.key,
+            check_name="no_regression",
+            passed=passed,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"accuracy": float(evaluation_metrics["accuracy"])},
-            description=f"the production model cannot be read, so there is nothing to compare with: {exc}",
+            metadata=metadata,
+            description=description,
         )
-    gate = regression_gate(evaluation_metrics["accuracy"], production, values.evaluation.max_regression)
+
+    try:
+        production = registry.production_manifest()
+    except RegistryError as exc:
+        return warn(
+            False,
+            f"the production model cannot be read, so there is nothing to compare with: {exc}",
+            {"accuracy": float(metrics["accuracy"])},
+        )
+    gate = regression_gate(metrics["accuracy"], production, max_regression)
     metadata: dict[str, Any] = {"accuracy": gate.accuracy, "max_regression": gate.max_regression}
     if gate.production_version is not None:
         metadata.update(
@@ -148,9 +145,32 @@ def no_regression(evaluation_metrics: dict[str, Any], params: WineParamsResource
             production_accuracy=gate.production_accuracy,
             change=gate.change,
         )
-    return dg.AssetCheckResult(
-        passed=bool(gate.passed),
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata=metadata,
-        description=gate.message,
-    )
+    return warn(bool(gate.passed), gate.message, metadata)
+
+
+# One step for both: model_deployment waits for the blocking gate, so no_regression always
+# compares with the production model from before this run, without blocking anything itself.
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            "accuracy_threshold",
+            asset=evaluation_metrics,
+            blocking=True,
+            description="The release gate: test accuracy >= evaluation.min_accuracy (0.80 by default).",
+        ),
+        dg.AssetCheckSpec(
+            "no_regression",
+            asset=evaluation_metrics,
+            blocking=False,
+            description=(
+                "Warns when test accuracy is more than evaluation.max_regression (0.02 by default) below the "
+                "production model's. Passes when nothing is in production yet."
+            ),
+        ),
+    ],
+    description="Model-quality checks on evaluation_metrics: the release gate and the regression warning.",
+)
+def evaluation_checks(evaluation_metrics: dict[str, Any], params: WineParamsResource) -> Any:
+    values = params.values
+    yield accuracy_threshold_result(evaluation_metrics, values.evaluation.min_accuracy)
+    yield no_regression_result(evaluation_metrics, ModelRegistry(values.registry_dir), values.evaluation.max_regression)

@@ -32,6 +32,10 @@ CHECK_DESCRIPTIONS = {
     "value_ranges": "Each feature within its physical bounds; target in {0, 1, 2}.",
     "sample_size": "Every class has enough rows to stratify the split and still be tested.",
     "outliers": "Share of rows beyond Tukey's fences per feature; a warning, never blocking.",
+    "feature_drift": (
+        "Each feature's distribution against the training data of the production model (two-sample "
+        "Kolmogorov-Smirnov test); warns when a p-value is below validation.drift_p_value."
+    ),
 }
 
 
@@ -121,13 +125,16 @@ RAW_CHECK_SPECS: Sequence[dg.AssetCheckSpec] = [
         dg.AssetCheckSpec(name, asset="raw_wine", blocking=True, description=CHECK_DESCRIPTIONS[name])
         for name in ("schema", "no_missing_values", "value_ranges", "sample_size")
     ),
-    dg.AssetCheckSpec("outliers", asset="raw_wine", blocking=False, description=CHECK_DESCRIPTIONS["outliers"]),
+    *(
+        dg.AssetCheckSpec(name, asset="raw_wine", blocking=False, description=CHECK_DESCRIPTIONS[name])
+        for name in ("outliers", "feature_drift")
+    ),
 ]
 
 
 @dg.multi_asset_check(
     specs=RAW_CHECK_SPECS,
-    description="Data-quality checks on raw_wine: pandera schema concerns, sample size, outliers.",
+    description="Data-quality checks on raw_wine: pandera schema concerns, sample size, outliers, drift.",
 )
 def raw_wine_checks(raw_wine: pd.DataFrame, params: WineParamsResource) -> Any:
     values = params.values
@@ -135,6 +142,7 @@ def raw_wine_checks(raw_wine: pd.DataFrame, params: WineParamsResource) -> Any:
     yield from pandera_check_results(WineSchema, raw_wine, key)
     yield sample_size_result(raw_wine, key, values.validation.min_rows_per_class, values.data.test_size)
     yield outlier_result(raw_wine, key, values.validation.outlier_iqr_factor, values.validation.max_outlier_share)
+    yield feature_drift_result(raw_wine, ModelRegistry(values.registry_dir), values.validation.drift_p_value)
 
 
 @dg.asset(
@@ -162,56 +170,35 @@ def validated_wine(context: dg.AssetExecutionContext, raw_wine: pd.DataFrame) ->
     )
 
 
-@dg.asset_check(
-    asset="raw_wine",
-    blocking=False,
-    description=(
-        "Each feature's distribution against the training data of the production model "
-        "(two-sample Kolmogorov-Smirnov test); warns when a p-value is below validation.drift_p_value."
-    ),
-)
-def feature_drift(raw_wine: pd.DataFrame, params: WineParamsResource) -> dg.AssetCheckResult:
-    values = params.values
-    registry = ModelRegistry(values.registry_dir)
+def feature_drift_result(raw_wine: pd.DataFrame, registry: ModelRegistry, p_threshold: float) -> dg.AssetCheckResult:
+    def warn(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(
+            asset_key=dg.AssetKey("raw_wine"),
+            check_name="feature_drift",
+            passed=passed,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=description,
+            metadata=metadata,
+        )
+
     try:
         production = registry.production_version()
-    except RegistryError as exc:
-        return dg.AssetCheckResult(
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"the production model cannot be read, so there is no reference data: {exc}",
-            metadata={"reference": "unreadable"},
-        )
-    if production is None:
-        return dg.AssetCheckResult(
-            passed=True,
-            severity=dg.AssetCheckSeverity.WARN,
-            description="no model in production yet: no reference data to compare with",
-            metadata={"reference": "none"},
-        )
-    try:
+        if production is None:
+            return warn(True, "no model in production yet: no reference data to compare with", {"reference": "none"})
         reference = pd.read_csv(io.BytesIO(registry.read_file(production, REFERENCE_FILE)))
     except RegistryError as exc:
-        return dg.AssetCheckResult(
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"the reference data of production v{production} cannot be used: {exc}",
-            metadata={"reference": f"v{production}"},
-        )
-    rows = feature_drift_rows(raw_wine, reference, values.validation.drift_p_value)
+        return warn(False, f"the production model's reference data cannot be used: {exc}", {"reference": "unusable"})
+    rows = feature_drift_rows(raw_wine, reference, p_threshold)
     drifted = [row.feature for row in rows if row.drifted]
-    return dg.AssetCheckResult(
-        passed=not drifted,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=(
-            f"drift in {', '.join(drifted)} against production v{production}"
-            if drifted
-            else f"no feature drifted against production v{production}"
-        ),
-        metadata={
+    return warn(
+        not drifted,
+        f"drift in {', '.join(drifted)} against production v{production}"
+        if drifted
+        else f"no feature drifted against production v{production}",
+        {
             "reference": f"v{production} ({len(reference)} training rows)",
             "drifted_features": ", ".join(drifted) or "none",
-            "p_value_threshold": values.validation.drift_p_value,
+            "p_value_threshold": p_threshold,
             "ks_tests": table(
                 [vars(row) for row in rows],
                 [("feature", "string"), ("statistic", "float"), ("p_value", "float"), ("drifted", "bool")],
