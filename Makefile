@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 
 .DEFAULT_GOAL := help
-.PHONY: help install run validate train release test dev clean clean-all
+.PHONY: help install run validate train release test bench dev clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ $(ACTIONLINT):
 
 test: $(STAMP) $(ACTIONLINT) ## run the tests with coverage (terminal and coverage.xml)
 	$(BIN)/python -m pytest --cov=wine_assets --cov-report=term-missing --cov-report=xml
+
+bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 30 minutes) -> benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
 
 dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT)
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)

@@ -1,0 +1,45 @@
+"""Materialize the whole graph with dagster.materialize() in this process and print timings as JSON.
+
+Usage: python inprocess_run.py PARAMS_FILE INSTANCE_DIR
+Prints import seconds, materialize() seconds, and each step's start and end (epoch seconds).
+"""
+
+import json
+import sys
+import time
+
+started = time.perf_counter()
+import dagster as dg  # noqa: E402
+
+from wine_assets.definitions import ASSET_CHECKS, ASSETS  # noqa: E402
+from wine_assets.pipeline.resources import WineParamsResource  # noqa: E402
+
+imported = time.perf_counter()
+STEP_EVENTS = {"STEP_START": "start", "STEP_SUCCESS": "end", "STEP_FAILURE": "end"}
+
+with dg.instance_for_test(temp_dir=sys.argv[2]) as instance:
+    result = dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        instance=instance,
+        resources={"params": WineParamsResource(params_file=sys.argv[1])},
+        raise_on_error=False,
+    )
+    finished = time.perf_counter()
+    steps: dict[str, dict[str, float]] = {}
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is not None and event.event_type_value in STEP_EVENTS:
+            steps.setdefault(event.step_key, {})[STEP_EVENTS[event.event_type_value]] = entry.timestamp
+            if event.event_type_value == "STEP_FAILURE":
+                steps[event.step_key]["failed"] = 1.0
+
+print(
+    json.dumps(
+        {
+            "success": result.success,
+            "import_seconds": imported - started,
+            "materialize_seconds": finished - imported,
+            "steps": steps,
+        }
+    )
+)

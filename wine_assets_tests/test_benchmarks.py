@@ -1,0 +1,49 @@
+"""The benchmark script keeps working: a smoke run (10^3 rows, one run of everything).
+
+This measures nothing; `make bench` does, and writes benchmarks/RESULTS.md.
+"""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from .conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_synthetic_data_passes_the_schema_and_keeps_the_classes():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from synthetic import synthetic_frame
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    from wine_assets.validation import WineSchema, validate_frame
+
+    frame = synthetic_frame(5000, seed=3)
+    assert len(frame) == 5000
+    validate_frame(frame, WineSchema)
+    assert set(frame["target"]) == {0, 1, 2}
+    pd.testing.assert_frame_equal(frame, synthetic_frame(5000, seed=3))
+    assert not frame.equals(synthetic_frame(5000, seed=4))
+
+
+def test_the_benchmark_smoke_run_writes_every_section(tmp_path):
+    output = tmp_path / "RESULTS.md"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--smoke", "--output", str(output)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    text = output.read_text()
+    for heading in ("## 1. Pipeline overhead", "## 2. Prediction", "## 3. Scale"):
+        assert heading in text
+    assert "Ratio CLI / bare:" in text and "per step" in text
+    assert "| 1,000 rows |" in text and "training (`wine_model`)" in text
+    assert "Largest size run here within 10 minutes per run: **1,000 rows**" in text
+    assert "smoke run" in text
