@@ -18,7 +18,7 @@ from wine_assets.evaluation import (
 )
 from wine_assets.files import write_bytes_atomic, write_json_atomic
 from wine_assets.gates import accuracy_gate, regression_gate
-from wine_assets.pipeline.metadata import png_markdown, table
+from wine_assets.pipeline.metadata import png_markdown, table, warning_result
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry, RegistryError
 from wine_assets.training import feature_importances
@@ -120,14 +120,7 @@ def no_regression_result(
     metrics: dict[str, Any], registry: ModelRegistry, max_regression: float
 ) -> dg.AssetCheckResult:
     def warn(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(
-            asset_key=evaluation_metrics.key,
-            check_name="no_regression",
-            passed=passed,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata=metadata,
-            description=description,
-        )
+        return warning_result(evaluation_metrics.key, "no_regression", passed, description, metadata)
 
     try:
         production = registry.production_manifest()

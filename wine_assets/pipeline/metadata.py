@@ -66,3 +66,17 @@ def column_schema(schema: Any) -> dg.TableSchema:
             )
         )
     return dg.TableSchema(columns=columns)
+
+
+def warning_result(
+    asset_key: dg.AssetKey, check_name: str, passed: bool, description: str, metadata: Mapping[str, Any]
+) -> dg.AssetCheckResult:
+    """A check result of WARN severity: shown as a warning when it fails, never blocking."""
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=check_name,
+        passed=bool(passed),
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata=dict(metadata),
+    )

@@ -9,7 +9,7 @@ import pandas as pd
 from pandera.errors import SchemaErrorReason
 
 from wine_assets.drift import feature_drift as feature_drift_rows
-from wine_assets.pipeline.metadata import column_schema, table
+from wine_assets.pipeline.metadata import column_schema, table, warning_result
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import REFERENCE_FILE, ModelRegistry, RegistryError
 from wine_assets.validation import (
@@ -97,12 +97,14 @@ def outlier_result(
 ) -> dg.AssetCheckResult:
     rows = find_outliers(frame, iqr_factor)
     flagged = [row.column for row in rows if row.share > max_share]
-    return dg.AssetCheckResult(
-        asset_key=asset_key,
-        check_name="outliers",
-        passed=not flagged,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
+    return warning_result(
+        asset_key,
+        "outliers",
+        not flagged,
+        f"more than {max_share:.0%} outliers in {', '.join(flagged)}"
+        if flagged
+        else f"no feature has more than {max_share:.0%} outliers",
+        {
             "outliers_per_feature": table(
                 [vars(row) for row in rows],
                 [
@@ -172,14 +174,7 @@ def validated_wine(context: dg.AssetExecutionContext, raw_wine: pd.DataFrame) ->
 
 def feature_drift_result(raw_wine: pd.DataFrame, registry: ModelRegistry, p_threshold: float) -> dg.AssetCheckResult:
     def warn(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(
-            asset_key=dg.AssetKey("raw_wine"),
-            check_name="feature_drift",
-            passed=passed,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=description,
-            metadata=metadata,
-        )
+        return warning_result(dg.AssetKey("raw_wine"), "feature_drift", passed, description, metadata)
 
     try:
         production = registry.production_version()
