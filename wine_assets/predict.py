@@ -125,17 +125,15 @@ def score(bundle: Bundle, features: pd.DataFrame) -> pd.DataFrame:
     """Predicted class, its label and one probability column per class, in the input's row order."""
     probabilities = bundle.model.predict_proba(bundle.scaler.transform(features))
     classes = [int(value) for value in bundle.model.classes_]
-    labels = dict(zip(bundle.manifest["class_values"], bundle.manifest["class_labels"], strict=True))
-    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
-    result = pd.DataFrame(
-        {
-            "predicted_class": predicted,
-            "predicted_label": [labels[int(value)] for value in predicted],
-        }
-    )
-    for position, value in enumerate(classes):
-        result[f"probability_{labels[value]}"] = probabilities[:, position]
-    return result
+    names = dict(zip(bundle.manifest["class_values"], bundle.manifest["class_labels"], strict=True))
+    labels = [names[value] for value in classes]
+    chosen = probabilities.argmax(axis=1)  # vectorized: no Python loop over rows
+    columns = {
+        "predicted_class": np.asarray(classes)[chosen],
+        "predicted_label": np.asarray(labels, dtype=object)[chosen],
+    }
+    columns.update({f"probability_{label}": probabilities[:, position] for position, label in enumerate(labels)})
+    return pd.DataFrame(columns)
 
 
 def predict(
