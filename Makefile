@@ -16,16 +16,18 @@ help: ## list the targets
 
 # The venv is rebuilt only when pyproject.toml is newer than the last install.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip --version > /dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the package with its dev extras
 
+# Telemetry off; at most one training or release run at a time (they share artifacts/).
 $(DAGSTER_YAML):
 	@mkdir -p $(DAGSTER_HOME)
-	@printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_YAML)
+	@printf '%s\n' 'telemetry:' '  enabled: false' 'run_queue:' '  tag_concurrency_limits:' \
+		'    - key: wine_assets/artifacts' '      limit: 1' > $(DAGSTER_YAML)
 
 run: $(STAMP) $(DAGSTER_YAML) ## materialize every asset and check, then print a summary
 	$(BIN)/dagster asset materialize -m wine_assets --select '*'
@@ -52,7 +54,7 @@ $(ACTIONLINT):
 test: $(STAMP) $(ACTIONLINT) ## run the tests with coverage (terminal and coverage.xml)
 	$(BIN)/python -m pytest --cov=wine_assets --cov-report=term-missing --cov-report=xml
 
-bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 30 minutes) -> benchmarks/RESULTS.md
+bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 15 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
 
 dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT)

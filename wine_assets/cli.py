@@ -132,7 +132,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     checks = None
-    if os.environ.get("DAGSTER_HOME"):
+    home = os.environ.get("DAGSTER_HOME")
+    if home and not Path(home).is_dir():
+        raise CliError(f"DAGSTER_HOME={home} is not a folder: point it at the instance the pipeline ran with")
+    if home:
         import dagster as dg
 
         from wine_assets.definitions import defs

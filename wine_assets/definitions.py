@@ -50,9 +50,14 @@ ASSET_CHECKS = [raw_wine_checks, evaluation_checks]
 
 TRAINING_GROUPS = ("ingestion", "validation", "features", "training", "evaluation")
 
+# Training and release runs share the artifacts folder; the run queue (see dagster.yaml written by
+# the Makefile) runs at most one run with this tag at a time.
+EXCLUSIVE_TAG = {"wine_assets/artifacts": "exclusive"}
+
 training_job = dg.define_asset_job(
     "training_job",
     selection=dg.AssetSelection.groups(*TRAINING_GROUPS),
+    tags=EXCLUSIVE_TAG,
     description="Ingest, validate, split, scale, train and evaluate, with every check on the way.",
 )
 
@@ -61,6 +66,7 @@ training_job = dg.define_asset_job(
 release_job = dg.define_asset_job(
     "release_job",
     selection=dg.AssetSelection.checks_for_assets(evaluation_metrics) | dg.AssetSelection.assets(model_deployment),
+    tags=EXCLUSIVE_TAG,
     description=(
         "Re-run the accuracy gates on the stored evaluation_metrics, then publish model_deployment "
         "only if accuracy_threshold passes."

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from sklearn.metrics import accuracy_score
 
 from wine_assets.drift import reference_sample
@@ -132,7 +133,10 @@ def release(
     check_evaluated_frames(train, test, evaluated)
     files = read_evaluated_artifacts(params.artifacts_dir, evaluated)
     files["metrics.json"] = json_text(dict(metrics)).encode("utf-8")
-    files["params.yaml"] = params_to_yaml(params).encode("utf-8")
+    # The params the evaluated model was trained with (recorded in its metrics), not today's file.
+    trained_with = metrics.get("params")
+    params_text = yaml.safe_dump(trained_with, sort_keys=False) if trained_with else params_to_yaml(params)
+    files["params.yaml"] = params_text.encode("utf-8")
     reference = reference_sample(train, params.validation.drift_reference_rows, params.data.random_state)
     files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
     return ModelRegistry(params.registry_dir).publish(

@@ -83,15 +83,20 @@ def _flatten(document: Mapping[str, Any] | None, prefix: str = "") -> dict[str, 
     return flat
 
 
+ABSENT = object()  # a key one side does not have (null is a value, not an absence)
+
+
 def params_diff(current: Mapping[str, Any] | None, baseline: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """(key, baseline value, current value) for every key whose value differs, sorted by key."""
+    """(key, baseline value, current value) for every key whose value differs, sorted by key.
+
+    A key missing on one side is given as ``ABSENT`` there.
+    """
     old, new = _flatten(baseline), _flatten(current)
-    missing = object()
     changed = []
     for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, missing), new.get(key, missing)
+        before, after = old.get(key, ABSENT), new.get(key, ABSENT)
         if before != after:
-            changed.append((key, None if before is missing else before, None if after is missing else after))
+            changed.append((key, before, after))
     return changed
 
 
@@ -113,7 +118,9 @@ def metrics_table(current: Mapping[str, Any], baseline: Baseline | None) -> list
 
 
 def _cell(value: Any) -> str:
-    return "(absent)" if value is None else f"`{value}`"
+    if value is ABSENT:
+        return "(absent)"
+    return "`null`" if value is None else f"`{value}`"
 
 
 def render(

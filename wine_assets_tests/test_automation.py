@@ -47,7 +47,7 @@ def test_new_same_and_changed_files(instance, write_params, write_csv, watch_dir
     [request] = new.run_requests
     assert request.run_key == sha(first)
     assert new_data_sensor.job_name == "training_job"
-    assert request.run_config == {"resources": {"params": {"config": {"overrides": [f"data.source={first}"]}}}}
+    assert request.run_config == {"resources": {"params": {"config": {"overrides": [f'data.source="{first}"']}}}}
     assert decode_cursor(new.cursor) == {str(first): sha(first)}
 
     same = tick(instance, params_file, new.cursor)
@@ -178,3 +178,13 @@ def test_retrain_schedule_is_daily_and_stopped():
 def test_cursor_round_trip_and_foreign_cursors():
     assert decode_cursor(encode_cursor({"/a.csv": "x"})) == {"/a.csv": "x"}
     assert decode_cursor(None) == decode_cursor("") == decode_cursor("not json") == decode_cursor("[1]") == {}
+
+
+def test_a_watched_path_with_yaml_characters_reaches_the_run_intact(instance, write_params, write_csv, watch_dir):
+    from wine_assets.params import load_params
+
+    params_file = write_params(data={"watch_dir": "incoming"})
+    odd = write_csv("incoming/harvest #2: late.csv")
+    [request] = tick(instance, params_file).run_requests
+    overrides = request.run_config["resources"]["params"]["config"]["overrides"]
+    assert load_params(params_file, overrides).data_source_path == odd

@@ -14,7 +14,7 @@ from wine_assets.params import Params
 from wine_assets.pipeline.history import latest_check_results
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
-from wine_assets.report import CheckRow, ReportError, load_baseline, params_diff, plot_links, render
+from wine_assets.report import ABSENT, Baseline, CheckRow, ReportError, load_baseline, params_diff, plot_links, render
 
 from .conftest import cli_env
 
@@ -78,7 +78,13 @@ def test_changed_params_are_listed_and_only_those(tmp_path):
     assert "| model.n_estimators | `100` | `300` |" in report
     assert "| data.test_size | `0.2` | `0.25` |" in report
     assert report.count("| model.") == 1
-    assert params_diff({"a": {"x": 1}}, {"a": {"x": 1, "y": 2}}) == [("a.y", 2, None)]
+    assert params_diff({"a": {"x": 1}}, {"a": {"x": 1, "y": 2}}) == [("a.y", 2, ABSENT)]
+    nulled = Params().to_dict()
+    nulled["model"]["max_depth"] = None
+    deeper = Params().to_dict()
+    deeper["model"]["max_depth"] = 5
+    report = render(METRICS, Baseline("b", METRICS, deeper), nulled, [], [])
+    assert "| model.max_depth | `5` | `null` |" in report
 
 
 def test_the_checks_data_and_plots_sections(tmp_path):

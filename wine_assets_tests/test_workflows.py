@@ -190,4 +190,9 @@ def test_the_report_is_posted_with_cml_updating_its_earlier_comment():
     post = next(step for step in steps if "cml comment" in step.get("run", ""))
     assert "cml comment create --pr --publish --update" in post["run"]
     assert post["env"]["REPO_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
-    assert steps[-1]["run"].endswith("wine-assets summary")  # the gate is the last word
+    gate = steps[-1]
+    assert gate["name"] == "Accuracy gate" and ".venv/bin/wine-assets summary" in gate["run"]
+    assert gate["env"]["TRAINING"] == "${{ steps.train.outcome }}"  # a failed training fails the run too
+    for step in steps:
+        if "cml" in (step.get("run", "") + step.get("uses", "")):
+            assert "head.repo.full_name == github.repository" in step["if"]  # no comment from forks

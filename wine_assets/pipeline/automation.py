@@ -5,6 +5,7 @@ Sensors start STOPPED unless ``WINE_ASSETS_SENSORS=running``; ``WINE_ASSETS_SENS
 sets how often they are evaluated (seconds, 30 by default).
 """
 
+import json
 import os
 from typing import Any
 
@@ -81,7 +82,8 @@ def build_new_data_sensor(
         requests = [
             dg.RunRequest(
                 run_key=item.sha256,
-                run_config=params_run_config([*params.overrides, f"data.source={item.path}"]),
+                # JSON-quoted: a path with '#' or ': ' must stay one YAML string.
+                run_config=params_run_config([*params.overrides, f"data.source={json.dumps(str(item.path))}"]),
                 tags={"wine_assets/data_fingerprint": item.sha256, "wine_assets/data_source": str(item.path)},
             )
             for item in result.new
