@@ -8,20 +8,34 @@ DAGSTER_YAML := $(DAGSTER_HOME)/dagster.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
+# uv installs exactly uv.lock. It is bootstrapped from the package registry into a small tool
+# venv (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
+UV_VERSION := 0.13.9
+UV_TOOL_VENV := .tools/uv
+UV ?= $(UV_TOOL_VENV)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
 .DEFAULT_GOAL := help
-.PHONY: help install run validate train release test bench dev clean clean-all
+.PHONY: help install lock run validate train release test test-quick bench dev clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-# The venv is rebuilt only when pyproject.toml is newer than the last install.
-$(STAMP): pyproject.toml
-	@$(BIN)/python -m pip --version > /dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(UV_TOOL_VENV)/bin/uv:
+	$(PYTHON) -m venv --clear $(UV_TOOL_VENV)
+	$(UV_TOOL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# The venv is synced only when pyproject.toml or uv.lock is newer than the last install.
+# --locked refuses a lock that no longer matches pyproject.toml (run `make lock`).
+$(STAMP): pyproject.toml uv.lock | $(filter $(UV_TOOL_VENV)/%,$(UV))
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the package with its dev extras
+install: $(STAMP) ## create .venv and install exactly uv.lock (the package with its dev extras)
+
+lock: | $(filter $(UV_TOOL_VENV)/%,$(UV)) ## re-resolve uv.lock after a dependency change (UPGRADE=1: newest allowed)
+	$(UV) lock --python $(PYTHON) $(if $(UPGRADE),--upgrade)
 
 # Telemetry off; at most one training or release run at a time (they share artifacts/).
 $(DAGSTER_YAML):
@@ -64,5 +78,5 @@ clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry
 	rm -rf artifacts .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-clean-all: clean ## also remove the registry, the Dagster instance (.dagster_home) and .venv
-	rm -rf registry $(DAGSTER_HOME) $(VENV)
+clean-all: clean ## also remove the registry, the Dagster instance (.dagster_home), .venv and .tools
+	rm -rf registry $(DAGSTER_HOME) $(VENV) .tools
