@@ -16,15 +16,17 @@ The defaults here equal the repository's ``params.yaml``; a test keeps them equa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 PARAMS_ENV_VAR = "WINE_ASSETS_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -35,94 +37,80 @@ class ParamsError(ValueError):
     """A params file or override that cannot be used; the message names file and key."""
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What a value may be: its type, whether null is allowed, and a range or a choice."""
-
-    kind: type
-    nullable: bool = False
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[Any, ...] | None = None
-    extra: Callable[[Any], str | None] | None = None
-
-    def describe(self) -> str:
-        parts = []
-        if self.low is not None or self.high is not None:
-            low = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
-            high = "" if self.high is None else f" {'<' if self.high_open else '<='} {self.high}"
-            parts.append(f"{low}value{high}")
-        if self.choices is not None:
-            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
-        if not parts:
-            parts.append(f"a {self.kind.__name__}")
-        if self.nullable:
-            parts.append("or null")
-        return " ".join(parts)
+def _whole_float_to_int(value: Any) -> Any:
+    # YAML writes 100.0 for a count now and then; a whole float is that count. 2.5 stays a float
+    # and is refused by the strict int type.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
 
 
-def _rule(default: Any, rule: Rule, doc: str) -> Any:
-    return field(default=default, metadata={"rule": rule, "doc": doc})
+# strict: YAML already gives typed values, so "0.2" (text), true (a flag) or null are mistakes
+# where a number belongs, never something to coerce. Integers are accepted where a float belongs.
+Count = Annotated[int, BeforeValidator(_whole_float_to_int)]
+Text = Annotated[str, Field(pattern=r"\S")]
 
 
-def _not_zero(value: Any) -> str | None:
-    return "0 is not allowed (use -1 for all cores, or a positive count)" if value == 0 else None
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class DataParams:
-    source: str = _rule(
-        BUILTIN_SOURCE,
-        Rule(str),
-        "'builtin' for the data set scikit-learn ships, or a path to a CSV file",
-    )
-    test_size: float = _rule(0.2, Rule(float, low=0, high=1, low_open=True, high_open=True), "share of rows held out")
-    random_state: int = _rule(42, Rule(int, low=0), "seed of the stratified split")
-    watch_dir: str | None = _rule(
-        None, Rule(str, nullable=True), "folder whose *.csv files the new-data sensor watches"
-    )
+class DataParams(_Section):
+    source: Text = Field(BUILTIN_SOURCE, description="'builtin' for the data set scikit-learn ships, or a CSV path")
+    test_size: float = Field(0.2, gt=0, lt=1, description="share of rows held out")
+    random_state: Count = Field(42, ge=0, description="seed of the stratified split")
+    watch_dir: Text | None = Field(None, description="folder whose *.csv files the new-data sensor watches")
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    n_estimators: int = _rule(100, Rule(int, low=1), "number of trees")
-    max_depth: int | None = _rule(None, Rule(int, nullable=True, low=1), "null: grow fully")
-    min_samples_split: int = _rule(2, Rule(int, low=2), "")
-    min_samples_leaf: int = _rule(1, Rule(int, low=1), "")
-    class_weight: str | None = _rule(None, Rule(str, nullable=True, choices=("balanced", "balanced_subsample")), "")
-    random_state: int = _rule(42, Rule(int, low=0), "seed of the forest")
-    n_jobs: int = _rule(1, Rule(int, low=-1, extra=_not_zero), "-1: all cores")
+class ModelParams(_Section):
+    n_estimators: Count = Field(100, ge=1, description="number of trees")
+    max_depth: Count | None = Field(None, ge=1, description="null: grow fully")
+    min_samples_split: Count = Field(2, ge=2)
+    min_samples_leaf: Count = Field(1, ge=1)
+    class_weight: Literal["balanced", "balanced_subsample"] | None = None
+    random_state: Count = Field(42, ge=0, description="seed of the forest")
+    n_jobs: Count = Field(1, ge=-1, description="-1: all cores")
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 is not allowed (use -1 for all cores, or a positive count)")
+        return value
 
 
-@dataclass(frozen=True)
-class ValidationParams:
-    min_rows_per_class: int = _rule(10, Rule(int, low=2), "fewest rows a class may have and still be split and tested")
-    outlier_iqr_factor: float = _rule(
-        1.5, Rule(float, low=0, low_open=True), "a value beyond Q1/Q3 -/+ factor x IQR is an outlier"
-    )
-    max_outlier_share: float = _rule(
-        0.05, Rule(float, low=0, high=1), "share of outlier rows in a feature that raises a warning"
-    )
-    drift_p_value: float = _rule(
-        0.01, Rule(float, low=0, high=1, low_open=True), "KS-test p-value below which a feature has drifted"
-    )
-    drift_reference_rows: int = _rule(
-        5000, Rule(int, low=10), "training rows kept with a release as the drift reference"
-    )
+class ValidationParams(_Section):
+    min_rows_per_class: Count = Field(10, ge=2, description="fewest rows a class may have and still be split")
+    outlier_iqr_factor: float = Field(1.5, gt=0, description="beyond Q1/Q3 -/+ factor x IQR is an outlier")
+    max_outlier_share: float = Field(0.05, ge=0, le=1, description="share of outlier rows that warns")
+    drift_p_value: float = Field(0.01, gt=0, le=1, description="KS-test p-value below which a feature drifted")
+    drift_reference_rows: Count = Field(5000, ge=10, description="training rows kept with a release")
 
 
-@dataclass(frozen=True)
-class EvaluationParams:
-    min_accuracy: float = _rule(0.80, Rule(float, low=0, high=1), "the release gate")
-    max_regression: float = _rule(0.02, Rule(float, low=0, high=1), "accuracy drop against production that warns")
+class EvaluationParams(_Section):
+    min_accuracy: float = Field(0.80, ge=0, le=1, description="the release gate")
+    max_regression: float = Field(0.02, ge=0, le=1, description="accuracy drop against production that warns")
 
 
-@dataclass(frozen=True)
-class PathsParams:
-    artifacts_dir: str = _rule("artifacts", Rule(str), "model, scaler, metrics and plots")
-    registry_dir: str = _rule("registry", Rule(str), "the local model registry")
+class PathsParams(_Section):
+    artifacts_dir: Text = Field("artifacts", description="model, scaler, metrics and plots")
+    registry_dir: Text = Field("registry", description="the local model registry")
+
+
+class _Document(_Section):
+    """A whole params file: every section optional, nothing else allowed."""
+
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    validation: ValidationParams = ValidationParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    paths: PathsParams = PathsParams()
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: info.annotation  # type: ignore[misc]
+    for name, info in _Document.model_fields.items()
+}
 
 
 @dataclass(frozen=True)
@@ -167,70 +155,89 @@ class Params:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The parameters as plain YAML-ready data, paths as written (not resolved)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: getattr(self, name).model_dump() for name in SECTIONS}
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataParams,
-    "model": ModelParams,
-    "validation": ValidationParams,
-    "evaluation": EvaluationParams,
-    "paths": PathsParams,
+# -- turning pydantic's errors into messages that name the file, the key and what is allowed --
+def describe_allowed(info: FieldInfo) -> str:
+    """What a field accepts, from its own constraints: '0 < value < 1', "one of 'a', 'b' or null"."""
+    low = high = ""
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Gt):
+            low = f"{item.gt} < "
+        elif isinstance(item, annotated_types.Ge):
+            low = f"{item.ge} <= "
+        elif isinstance(item, annotated_types.Lt):
+            high = f" < {item.lt}"
+        elif isinstance(item, annotated_types.Le):
+            high = f" <= {item.le}"
+    nullable = type(None) in get_args(info.annotation)
+    members = [arg for arg in get_args(info.annotation) if arg is not type(None)] or [info.annotation]
+    choices: list[Any] = []
+    kinds: list[Any] = []
+    for member in members:
+        if get_origin(member) is Literal:
+            choices.extend(get_args(member))
+        else:
+            kinds.append(get_args(member)[0] if get_origin(member) is Annotated else member)
+    parts = []
+    if low or high:
+        parts.append(f"{low}value{high}")
+    if choices:
+        parts.append("one of " + ", ".join(repr(choice) for choice in choices))
+    if not parts:
+        parts.append(" or ".join(_KIND_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in kinds))
+    if nullable:
+        parts.append("or null")
+    return " ".join(parts)
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a non-empty text"}
+_REASONS = {
+    "greater_than": "is out of range",
+    "greater_than_equal": "is out of range",
+    "less_than": "is out of range",
+    "less_than_equal": "is out of range",
+    "literal_error": "is not an allowed choice",
+    "finite_number": "is not a finite number",
+    "string_pattern_mismatch": "is not a non-empty text",
 }
 
 
-def _check_value(where: str, key: str, value: Any, rule: Rule) -> Any:
-    written = value
-
-    def fail(reason: str) -> ParamsError:
-        return ParamsError(f"{where}: {key} = {written!r} {reason}; allowed: {rule.describe()}")
-
+def _reason(error: Mapping[str, Any]) -> str:
+    value, code = error["input"], error["type"]
+    if code in _REASONS:
+        return _REASONS[code]
+    if code == "value_error":  # a field validator's own words
+        return str(error["ctx"]["error"])
     if value is None:
-        if rule.nullable:
-            return None
-        raise fail("must not be null")
-    # bool is an int in Python; a flag where a number belongs is a mistake.
+        return "must not be null"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise fail("has the wrong type")
-    if rule.kind is float:
-        if isinstance(value, str):
-            raise fail("is not a number")
-        value = float(value)
-        if math.isnan(value) or math.isinf(value):
-            raise fail("is not a finite number")
-    elif rule.kind is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int):
-            raise fail("is not a whole number")
-    elif rule.kind is str:
-        if not isinstance(value, str) or not value.strip():
-            raise fail("is not a non-empty text")
-    if rule.low is not None and (value <= rule.low if rule.low_open else value < rule.low):
-        raise fail("is out of range")
-    if rule.high is not None and (value >= rule.high if rule.high_open else value > rule.high):
-        raise fail("is out of range")
-    if rule.choices is not None and value not in rule.choices:
-        raise fail("is not an allowed choice")
-    if rule.extra is not None and (problem := rule.extra(value)):
-        raise fail(problem)
-    return value
+        return "has the wrong type"
+    if code.startswith("int"):
+        return "is not a whole number"
+    if code.startswith("float"):
+        return "is not a number"
+    if code.startswith("string"):
+        return "is not a non-empty text"
+    return error["msg"].lower()
 
 
-def _build_section(where: str, name: str, raw: Any) -> Any:
-    cls = SECTIONS[name]
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{where}: section '{name}' must be a mapping of keys to values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(f"{where}: unknown key {name}.{unknown[0]}; the keys of '{name}' are: {', '.join(fields)}")
-    values = {
-        key: _check_value(where, f"{name}.{key}", value, fields[key].metadata["rule"]) for key, value in raw.items()
-    }
-    return cls(**values)
+def _message(where: str, error: Mapping[str, Any]) -> str:
+    location = [str(part) for part in error["loc"]]
+    if len(location) == 1:
+        if error["type"] == "extra_forbidden":
+            return f"{where}: unknown section '{location[0]}'; the sections are: {', '.join(SECTIONS)}"
+        return f"{where}: section '{location[0]}' must be a mapping of keys to values"
+    section, key = location[0], location[1]
+    fields = SECTIONS[section].model_fields
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {', '.join(fields)}"
+    info = fields[key]
+    return (
+        f"{where}: {section}.{key} = {error['input']!r} {_reason(error)}; "
+        f"allowed: {describe_allowed(info)}"
+    )
 
 
 def params_from_mapping(
@@ -241,12 +248,15 @@ def params_from_mapping(
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{where}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ParamsError(f"{where}: unknown section '{unknown[0]}'; the sections are: {', '.join(SECTIONS)}")
-    sections = {name: _build_section(where, name, raw.get(name)) for name in SECTIONS}
+    # An empty section ("model:" with nothing under it) means that section's defaults.
+    document = {name: ({} if value is None and name in SECTIONS else value) for name, value in raw.items()}
+    try:
+        validated = _Document.model_validate(document)
+    except ValidationError as exc:
+        # One line per problem, in the file's order: a user fixes them all in one go.
+        raise ParamsError("\n".join(_message(where, error) for error in exc.errors())) from None
     return Params(
-        **sections,
+        **{name: getattr(validated, name) for name in SECTIONS},
         base_dir=(base_dir or Path.cwd()).resolve(),
         source_file=source_file,
     )

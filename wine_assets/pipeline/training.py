@@ -1,6 +1,5 @@
 """Group ``training``: the Random Forest."""
 
-import dataclasses
 
 import dagster as dg
 import pandas as pd
@@ -40,7 +39,7 @@ def wine_model(
         result.model,
         data_version=dg.DataVersion(sha256),
         metadata={
-            "hyperparameters": dataclasses.asdict(values.model),
+            "hyperparameters": values.model.model_dump(),
             "training_seconds": float(result.seconds),
             "train_rows": len(train_set),
             "top_features": table(
