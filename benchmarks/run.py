@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,94 @@ def median(values: Sequence[float]) -> float:
 
 def fmt(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1000:.2f} ms"
+
+
+# -- 0. set-up ---------------------------------------------------------------------------------
+def timed_shell(command: Sequence[str], cwd: Path, env: dict[str, str], timeout: float = 1800) -> float:
+    started = time.perf_counter()
+    completed = subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{completed.stdout[-1500:]}\n{completed.stderr[-1500:]}")
+    return time.perf_counter() - started
+
+
+def setup(tmp: Path, runs: int, pip_runs: int) -> list[str]:
+    """A fresh clone's first `make run` (uv bootstrapped, the lock installed, every asset), with
+    empty package caches; and the same package set installed by pip, for comparison."""
+    repo = HERE.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    clean_env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "UV", "PIP"))}
+    clean_env.pop("DAGSTER_HOME", None)
+    clean_env.pop("WINE_ASSETS_PARAMS", None)
+    clean_env["PYTHONWARNINGS"] = "ignore"
+    first_run, cold_install, warm_install, pip_install = [], [], [], []
+    for index in range(runs):
+        clone = tmp / f"clone-{index}"
+        subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True, timeout=300)
+        env = {**clean_env, "UV_CACHE_DIR": str(tmp / f"uv-cache-{index}"), "PIP_CACHE_DIR": str(tmp / f"pip-{index}")}
+        first_run.append(timed_shell(["make", "run"], clone, env))
+        # The install alone, into a new venv: from the now warm cache, then from an empty one.
+        shutil.rmtree(clone / ".venv")
+        warm_install.append(timed_shell(["make", "install"], clone, env))
+        shutil.rmtree(clone / ".venv")
+        env["UV_CACHE_DIR"] = str(tmp / f"uv-cache-{index}-again")
+        cold_install.append(timed_shell(["make", "install"], clone, env))
+    clone = tmp / "clone-0"
+    requirements = tmp / "requirements.txt"
+    exported = subprocess.run(
+        [
+            str(clone / ".tools/uv/bin/uv"),
+            "export",
+            "--frozen",
+            "--extra",
+            "dev",
+            "--no-emit-project",
+            "--output-file",
+            str(requirements),
+        ],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        timeout=300,
+    )
+    if exported.returncode != 0:
+        raise RuntimeError(exported.stderr)
+    for index in range(pip_runs):
+        venv = tmp / f"pip-venv-{index}"
+        env = {**clean_env, "PIP_CACHE_DIR": str(tmp / f"pip-cache-{index}")}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        timed_shell(
+            [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--require-hashes", "-r", str(requirements)],
+            clone,
+            env,
+        )
+        timed_shell([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", "-e", "."], clone, env)
+        pip_install.append(time.perf_counter() - started)
+
+    def cell(values: list[float]) -> str:
+        return f"{fmt(median(values))} | {', '.join(f'{v:.1f}' for v in values)}"
+
+    return [
+        "## 0. Set-up",
+        "",
+        f"A fresh `git clone` of this commit ({head.stdout.strip()}), then `make run` as a new user types it: "
+        "uv bootstrapped from PyPI into `.tools/uv`, `uv sync --locked` of `uv.lock` into `.venv`, then "
+        "`dagster asset materialize --select '*'` and the summary. Package caches empty at the start "
+        f"(`UV_CACHE_DIR`, `PIP_CACHE_DIR` in fresh folders); {runs} clone(s).",
+        "",
+        "| what | median | runs (s) |",
+        "|---|---|---|",
+        f"| first `make run` of a fresh clone, install included | {cell(first_run)} |",
+        f"| `make install` into a new `.venv`, uv cache empty | {cell(cold_install)} |",
+        f"| `make install` into a new `.venv`, uv cache warm | {cell(warm_install)} |",
+        f"| pip: the same locked set (`uv export`, `pip install --require-hashes`) and the project, "
+        f"new venv, pip cache empty | {cell(pip_install) if pip_install else 'not run | '} |",
+        "",
+        f"Target: the first `make run` under 60 s (now {fmt(median(first_run))}).",
+        "",
+    ]
 
 
 # -- 1. overhead -------------------------------------------------------------------------------
@@ -420,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--n-jobs", type=int, default=-1, help="model.n_jobs for the scale runs (default -1: all cores)"
     )
+    parser.add_argument(
+        "--skip-setup", action="store_true", help="leave out section 0 (fresh clones; needs git, make and PyPI)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         runs, multiprocess_runs, noop_runs, cold_runs, sizes = 1, 1, 1, 1, [10**3]
@@ -434,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
         tmp = Path(scratch)
+        setup_lines = [] if args.skip_setup else setup(tmp, *((1, 0) if args.smoke else (2, 1)))
         overhead_lines, released = overhead(tmp, runs, multiprocess_runs, noop_runs)
         overhead_lines += overhead_at_size(tmp, large_rows, large_runs)
         prediction_lines = prediction(released, tmp, cold_runs, reps)
@@ -451,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             *machine_lines(),
             "",
+            *setup_lines,
             *overhead_lines,
             *prediction_lines,
             *scale_lines,

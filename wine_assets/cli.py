@@ -243,6 +243,12 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_registry_reserve(args: argparse.Namespace) -> int:
+    reserved, upcoming = _registry(args).reserve(args.version)
+    _out(f"numbers up to v{reserved} are taken; the next version is v{upcoming}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wine-assets",
@@ -316,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("bundle", help="a .tar.gz from registry export, or its unpacked folder")
     imported.add_argument("--production", action="store_true", help="also make it production")
     imported.set_defaults(handler=cmd_registry_import)
+    reserve = registry_commands.add_parser(
+        "reserve", help="take the numbers up to N (e.g. release tags made elsewhere): the next version is above"
+    )
+    reserve.add_argument("version", help="the highest number taken elsewhere, such as 7 or v7")
+    reserve.set_defaults(handler=cmd_registry_reserve)
     return parser
 
 

@@ -234,10 +234,7 @@ def _message(where: str, error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {', '.join(fields)}"
     info = fields[key]
-    return (
-        f"{where}: {section}.{key} = {error['input']!r} {_reason(error)}; "
-        f"allowed: {describe_allowed(info)}"
-    )
+    return f"{where}: {section}.{key} = {error['input']!r} {_reason(error)}; allowed: {describe_allowed(info)}"
 
 
 def params_from_mapping(

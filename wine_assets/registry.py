@@ -6,6 +6,7 @@ Layout under ``paths.registry_dir``::
         v1/  model.joblib  scaler.joblib  metrics.json  params.yaml  reference.csv  manifest.json
         v2/  ...
         production          # one line naming the version, e.g. "v2"
+        reserved            # optional: numbers up to this one are taken elsewhere (``reserve``)
     .staging/               # bundles being written; never read as versions
     .lock                   # held while publishing or moving the alias
 
@@ -39,6 +40,7 @@ from wine_assets.files import fsync_dir, make_private_dir, sha256_bytes, write_b
 
 MODEL_NAME = "wine-classifier"
 PRODUCTION_ALIAS = "production"
+RESERVED_FILE = "reserved"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.joblib"
 SCALER_FILE = "scaler.joblib"
@@ -437,9 +439,35 @@ class ModelRegistry:
         write_bytes_atomic(output, buffer.getvalue())
         return number
 
+    def reserved_through(self) -> int:
+        """The highest number taken elsewhere (``reserve``), or 0."""
+        path = self.model_dir / RESERVED_FILE
+        if not path.is_file():
+            return 0
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+        try:
+            return parse_version(text)
+        except InvalidVersion as exc:
+            raise RegistryError(f"{path} holds {text!r}, not a version number; write one such as 7") from exc
+
+    def reserve(self, through: int | str) -> tuple[int, int]:
+        """Mark the numbers up to ``through`` as taken, so the next publish gets a higher one.
+
+        For numbers used outside this folder, e.g. release tags that hold no bundle. Never
+        lowers an earlier reservation. Returns (the reservation, the next version number).
+        """
+        number = parse_version(through)
+        with self.lock():
+            current = self.reserved_through()
+            if number > current:
+                self.model_dir.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(self.model_dir / RESERVED_FILE, f"{number}\n".encode("ascii"))
+                current = number
+            return current, self._next_version()
+
     def _next_version(self) -> int:
         # Any v<N> folder counts, even one without a manifest, so a number is never reused.
-        numbers = [0]
+        numbers = [self.reserved_through()]
         if self.model_dir.is_dir():
             for entry in self.model_dir.iterdir():
                 match = _VERSION_DIR.match(entry.name)

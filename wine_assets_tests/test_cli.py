@@ -164,6 +164,12 @@ def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path)
     shown = wine_assets("registry", "show", "1", env=env, cwd=tmp_path)
     assert shown.returncode == 1 and "refusing to load" in shown.stderr
 
+    reserved = wine_assets("registry", "reserve", "v9", env=env, cwd=tmp_path)
+    assert reserved.returncode == 0
+    assert reserved.stdout.strip() == "numbers up to v9 are taken; the next version is v10"
+    not_a_number = wine_assets("registry", "reserve", "nine", env=env, cwd=tmp_path)
+    assert not_a_number.returncode == 2 and "'nine' is not a version" in not_a_number.stderr
+
 
 def test_summary_exits_1_when_the_gate_fails_or_the_metrics_are_broken(env, tmp_path):
     artifacts = tmp_path / "artifacts"

@@ -290,3 +290,18 @@ def test_extract_refuses_archives_that_are_not_bundles(tmp_path):
     (tmp_path / "plain.tar.gz").write_text("not an archive")
     with pytest.raises(RegistryError, match="is not a .tar.gz bundle"):
         extract_bundle(tmp_path / "plain.tar.gz", tmp_path / "into")
+
+
+def test_reserved_numbers_are_skipped_and_a_reservation_never_goes_down(registry):
+    registry.publish(bundle("a"), FIELDS)
+    assert registry.reserve("v5") == (5, 6)  # e.g. releases up to model-v5 exist elsewhere
+    assert registry.reserve(3) == (5, 6)  # a lower number changes nothing
+    assert registry.versions() == [1] and registry.production_version() == 1
+    assert registry.publish(bundle("b"), FIELDS).version == 6
+    assert registry.reserve(2) == (5, 7)
+    with pytest.raises(InvalidVersion):
+        registry.reserve("latest")
+    (registry.model_dir / "reserved").write_text("seven\n")
+    with pytest.raises(RegistryError, match=r"reserved holds 'seven', not a version number"):
+        registry.publish(bundle("c"), FIELDS)
+    assert registry.versions() == [1, 6]

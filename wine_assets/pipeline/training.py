@@ -1,6 +1,5 @@
 """Group ``training``: the Random Forest."""
 
-
 import dagster as dg
 import pandas as pd
 from sklearn.ensemble import RandomForestClassifier

@@ -1,0 +1,307 @@
+"""The deployment workflow's scripts, run for real: git, jq, the wine-assets command and a registry.
+
+GitHub itself is out of reach here, so `gh` is a stand-in that keeps releases in a JSON file
+and tags in the test's git repository (as GitHub would for the repository it hosts). The
+scripts' own decisions are what is under test: which release is production, which number is
+next, whether a commit may be deployed, and what is published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wine_assets.files import joblib_bytes
+from wine_assets.registry import ModelRegistry
+
+from .conftest import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("jq") is None or shutil.which("git") is None, reason="needs jq and git (.ci/run installs them)"
+)
+SCRIPTS = REPO_ROOT / ".github" / "scripts"
+BIN = Path(sys.executable).parent
+
+FAKE_GH = """
+import json, os, shutil, subprocess, sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+state_path = Path(os.environ["FAKE_GH_STATE"])
+repo = os.environ["FAKE_GH_REPO"]
+state = json.loads(state_path.read_text())
+words = sys.argv[1:]
+
+
+def option(name, default=None):
+    return words[words.index(name) + 1] if name in words else default
+
+
+def answer(data):
+    text = json.dumps(data)
+    query = option("--jq")
+    if query is None:
+        print(text)
+        return 0
+    done = subprocess.run(["jq", "-r", query], input=text, capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+def find(tag):
+    return next((release for release in state["releases"] if release["tagName"] == tag), None)
+
+
+def git(*args):
+    return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+
+
+def main():
+    if words[:2] == ["release", "list"]:
+        releases = [r for r in state["releases"] if not (r["isDraft"] and "--exclude-drafts" in words)]
+        return answer([{"tagName": r["tagName"], "isDraft": r["isDraft"]} for r in releases])
+    if words[:2] == ["release", "view"]:
+        release = find(words[2])
+        if release is None:
+            print("release not found", file=sys.stderr)
+            return 1
+        return answer({"isDraft": release["isDraft"], "assets": [{"name": n} for n in release["assets"]]})
+    if words[:2] == ["release", "download"]:
+        release, target = find(words[2]), Path(option("--dir", "."))
+        names = [n for n in (release or {"assets": {}})["assets"] if fnmatch(n, option("--pattern", "*"))]
+        if not names:
+            print("no assets to download", file=sys.stderr)
+            return 1
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(release["assets"][name], target / name)
+        return 0
+    if words[0] == "api" and "/git/ref/tags/" in words[1]:
+        found = git("rev-parse", "--verify", "--quiet", "refs/tags/" + words[1].rsplit("/", 1)[1])
+        if found.returncode != 0:
+            print("HTTP 404: Not Found", file=sys.stderr)
+            return 1
+        return answer({"object": {"type": "commit", "sha": found.stdout.strip()}})
+    if words[:2] == ["release", "create"]:
+        tag, files = words[2], [w for w in words[3:] if not w.startswith("--")]
+        asset = Path(files[0]).resolve()
+        if git("rev-parse", "--verify", "--quiet", "refs/tags/" + tag).returncode != 0:
+            git("tag", tag, option("--target"))
+        kept = Path(os.environ["FAKE_GH_ASSETS"]) / tag
+        kept.mkdir(parents=True)
+        shutil.copy(asset, kept / asset.name)
+        notes = Path(option("--notes-file")).read_text()
+        state["releases"].append(
+            {"tagName": tag, "isDraft": False, "assets": {asset.name: str(kept / asset.name)}, "notes": notes}
+        )
+        state_path.write_text(json.dumps(state))
+        return 0
+    print("fake gh: unexpected call: " + " ".join(words), file=sys.stderr)
+    return 2
+
+
+sys.exit(main())
+"""
+
+
+class GitHub:
+    """A git repository with a line of commits, releases kept beside it, and a `gh` that serves them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.repo = root / "repo"
+        self.repo.mkdir()
+        self.state = root / "releases.json"
+        self.state.write_text(json.dumps({"releases": []}))
+        self.assets = root / "assets"
+        self.assets.mkdir()
+        tools = root / "bin"
+        tools.mkdir()
+        gh = tools / "gh"
+        gh.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_GH))
+        gh.chmod(0o755)
+        self.output = root / "github_output"
+        self.env = {
+            **os.environ,
+            "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_GH_STATE": str(self.state),
+            "FAKE_GH_REPO": str(self.repo),
+            "FAKE_GH_ASSETS": str(self.assets),
+            "GITHUB_REPOSITORY": "example/wine",
+            "GITHUB_OUTPUT": str(self.output),
+            "WINE_ASSETS": str(BIN / "wine-assets"),
+            "WINE_ASSETS_PARAMS": str(self.repo / "params.yaml"),
+            "RUN_ID": "42",
+            "GIT_AUTHOR_NAME": "ci",
+            "GIT_AUTHOR_EMAIL": "ci@example.invalid",
+            "GIT_COMMITTER_NAME": "ci",
+            "GIT_COMMITTER_EMAIL": "ci@example.invalid",
+        }
+        self.git("init", "-q", "-b", "main")
+        (self.repo / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
+        (self.repo / ".gitignore").write_text("registry/\nrestore/\nreleased/\n*.tar.gz\nrelease-notes.md\n")
+
+    def git(self, *args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout.strip()
+
+    def commit(self, message: str) -> str:
+        (self.repo / "history.txt").open("a").write(message + "\n")
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+    def release(self, number: int, commit: str, *, bundle: bool = True, draft: bool = False) -> None:
+        """A release as an earlier deployment made it: tag at commit, the bundle of v<number> attached."""
+        assets = {}
+        if bundle:
+            source = ModelRegistry(self.root / f"made-v{number}")
+            if number > 1:
+                source.reserve(number - 1)
+            published = source.publish(
+                {"model.joblib": joblib_bytes(f"model {number}"), "scaler.joblib": joblib_bytes(f"scaler {number}")},
+                {"metrics": {"accuracy": 0.95}, "git_commit": commit},
+            )
+            assert published.version == number
+            archive = self.assets / f"wine-classifier-v{number}.tar.gz"
+            source.export(number, archive)
+            assets[archive.name] = str(archive)
+        if not draft:
+            self.git("tag", f"model-v{number}", commit)
+        releases = json.loads(self.state.read_text())
+        releases["releases"].append({"tagName": f"model-v{number}", "isDraft": draft, "assets": assets})
+        self.state.write_text(json.dumps(releases))
+
+    def releases(self) -> dict[str, dict]:
+        return {release["tagName"]: release for release in json.loads(self.state.read_text())["releases"]}
+
+    def run(self, script: str, head: str) -> subprocess.CompletedProcess:
+        self.output.write_text("")
+        return subprocess.run(
+            ["bash", str(SCRIPTS / script)],
+            cwd=self.repo,
+            env={**self.env, "HEAD_SHA": head},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def decision(self) -> str | None:
+        lines = [line for line in self.output.read_text().splitlines() if line.startswith("deploy=")]
+        return lines[-1].split("=", 1)[1] if lines else None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.repo / "registry")
+
+
+@pytest.fixture
+def github(tmp_path):
+    return GitHub(tmp_path)
+
+
+def test_the_first_deployment_restores_nothing_and_deploys(github):
+    head = github.commit("first")
+    done = github.run("restore-production.sh", head)
+    assert done.returncode == 0, done.stderr
+    assert "no model released yet: this release will be v1" in done.stdout
+    assert github.decision() == "true"
+    assert github.registry.versions() == []
+
+
+def test_production_is_the_highest_release_with_a_bundle_and_numbers_skip_every_taken_one(github):
+    first = github.commit("first")
+    github.release(1, first)
+    second = github.commit("second")
+    github.release(2, second, bundle=False)  # made by hand, without the bundle
+    github.release(3, second, draft=True)  # a draft holds no tag and is not a release yet
+    github.git("tag", "model-v4", second)  # a tag whose release failed half-way
+    head = github.commit("third")
+
+    done = github.run("restore-production.sh", head)
+    assert done.returncode == 0, done.stderr
+    assert "::warning::release model-v2 has no bundle (.tar.gz): skipped" in done.stdout
+    assert "::warning::tag model-v4 has no release" in done.stdout
+    assert "model-v3" not in done.stdout
+    assert github.decision() == "true"
+    assert github.registry.versions() == [1] and github.registry.production_version() == 1
+    assert github.registry.reserved_through() == 4  # so the release becomes v5, never a taken tag
+
+
+def test_a_rerun_of_an_old_pipeline_run_is_not_deployed(github):
+    old = github.commit("old")
+    github.git("checkout", "-q", "-b", "side")
+    side = github.commit("a commit that production does not contain")
+    github.git("checkout", "-q", "main")
+    newer = github.commit("newer")
+    github.release(1, newer)
+
+    for head in (old, side):
+        done = github.run("restore-production.sh", head)
+        assert done.returncode == 0, done.stderr
+        assert f"::notice::skipped: {head} does not descend from {newer}" in done.stdout
+        assert github.decision() == "false"
+    assert github.run("restore-production.sh", newer).returncode == 0 and github.decision() == "true"
+
+
+def test_a_production_commit_missing_from_history_stops_the_deployment(github):
+    github.commit("first")
+    github.release(1, "0" * 40)
+    done = github.run("restore-production.sh", github.git("rev-parse", "HEAD"))
+    assert done.returncode == 1
+    assert "was released from commit '" + "0" * 40 + "', which is not in this history" in done.stdout
+    assert github.decision() is None
+
+
+def test_publish_creates_the_tag_with_the_release_at_the_deployed_commit(github):
+    first = github.commit("first")
+    github.release(1, first)
+    github.git("tag", "model-v2", first)  # left by a failed attempt
+    head = github.commit("second")
+    assert github.run("restore-production.sh", head).returncode == 0
+    github.registry.publish(  # what `make release` does, with the model that run evaluated
+        {"model.joblib": joblib_bytes("new model"), "scaler.joblib": joblib_bytes("new scaler")},
+        {"metrics": {"accuracy": 0.97}, "git_commit": head},
+    )
+    assert github.registry.production_version() == 3
+
+    done = github.run("publish-release.sh", head)
+    assert done.returncode == 0, done.stderr
+    release = github.releases()["model-v3"]
+    assert list(release["assets"]) == ["wine-classifier-v3.tar.gz"]
+    assert f"Released from {head} by ml-pipeline run 42." in release["notes"]
+    assert github.git("rev-parse", "model-v3^{commit}") == head
+
+    again = github.run("publish-release.sh", head)  # e.g. the job re-run after a later step failed
+    assert again.returncode == 0, again.stderr
+    assert "model-v3 is already released with these model bytes: nothing new" in again.stdout
+    assert len(github.releases()) == 2
+
+
+def test_publish_refuses_a_taken_tag_and_a_release_with_other_bytes(github):
+    first = github.commit("first")
+    head = github.commit("second")
+    github.registry.publish(
+        {"model.joblib": joblib_bytes("m"), "scaler.joblib": joblib_bytes("s")}, {"git_commit": head}
+    )
+    github.git("tag", "model-v1", first)  # appeared after the numbering was decided
+    refused = github.run("publish-release.sh", head)
+    assert refused.returncode == 1
+    assert f"::error::tag model-v1 exists at {first}, not at {head}" in refused.stdout
+    assert github.releases() == {}
+
+    github.git("tag", "-d", "model-v1")
+    github.release(1, first)  # a model-v1 with other bytes
+    different = github.run("publish-release.sh", head)
+    assert different.returncode != 0
+    assert "already holds a different v1" in different.stderr
