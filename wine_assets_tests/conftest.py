@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import yaml
 from wine_assets.ingestion import load_builtin_frame
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +103,49 @@ def cli_env(dagster_home: Path, params_file: Path) -> dict[str, str]:
         PYTHONWARNINGS="ignore",
     )
     return env
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A folder after one real `dagster asset materialize --select '*'`: params.yaml, artifacts/,
+    registry/ and the Dagster instance in dagster_home/."""
+
+    root: Path
+    env: dict[str, str]
+    completed: subprocess.CompletedProcess
+
+
+def _prepare(root: Path) -> tuple[Path, Path]:
+    home = root / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    params = root / "params.yaml"
+    params.write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n", encoding="utf-8")
+    return home, params
+
+
+@pytest.fixture(scope="session")
+def cli_materialized_once(tmp_path_factory: pytest.TempPathFactory) -> Materialized:
+    """The whole graph materialized once per test process by the real CLI, for tests to copy."""
+    root = tmp_path_factory.mktemp("materialized")
+    home, params = _prepare(root)
+    env = cli_env(home, params)
+    completed = subprocess.run(
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return Materialized(root, env, completed)
+
+
+@pytest.fixture
+def cli_materialized(cli_materialized_once: Materialized, tmp_path: Path) -> Materialized:
+    """A private copy of that folder in tmp_path (relative paths in params.yaml follow the copy)."""
+    shutil.copytree(cli_materialized_once.root, tmp_path, dirs_exist_ok=True)
+    return Materialized(
+        tmp_path, cli_env(tmp_path / "dagster_home", tmp_path / "params.yaml"), cli_materialized_once.completed
+    )

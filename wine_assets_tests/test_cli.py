@@ -10,7 +10,7 @@ import yaml
 
 from wine_assets.registry import ModelRegistry
 
-from .conftest import cli_env, shuffled_labels, tree_snapshot
+from .conftest import REPO_ROOT, cli_env, shuffled_labels, tree_snapshot
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -39,10 +39,37 @@ def test_definitions_validate(env, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
-def test_materialize_everything_then_use_the_wine_assets_command(env, tmp_path):
-    completed = dagster("asset", "materialize", "-m", "wine_assets", "--select", "*", env=env, cwd=tmp_path)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Executing steps in process" in completed.stderr
+def test_dg_checks_and_lists_the_project_definitions(env):
+    """Dagster's `dg` reads [tool.dg] in pyproject.toml and loads the same definitions."""
+    # dg works on the project folder it runs in; VIRTUAL_ENV names the venv it should use.
+    dg_env = {**env, "VIRTUAL_ENV": str(BIN.parent)}
+    checked = sh([str(BIN / "dg"), "check", "defs"], dg_env, REPO_ROOT)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+    assert "does not match the virtual environment" not in checked.stdout + checked.stderr
+    listed = sh([str(BIN / "dg"), "list", "defs", "--json"], dg_env, REPO_ROOT)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    found = json.loads(listed.stdout)
+    assert {asset["asset_key"] for asset in found["assets"]} == {
+        "raw_wine",
+        "validated_wine",
+        "train_set",
+        "test_set",
+        "scaler",
+        "wine_model",
+        "evaluation_metrics",
+        "confusion_matrix_plot",
+        "feature_importance_plot",
+        "model_deployment",
+    }
+    assert {job["name"] for job in found["jobs"]} == {"training_job", "release_job"}
+    assert {sensor["name"] for sensor in found["sensors"]} == {"new_data_sensor", "release_after_training"}
+    assert len(found["asset_checks"]) == 8
+
+
+def test_materialize_everything_then_use_the_wine_assets_command(cli_materialized, tmp_path):
+    env = cli_materialized.env
+    assert "Executing steps in process" in cli_materialized.completed.stderr
     artifacts = tmp_path / "artifacts"
     for name in (
         "model.joblib",
@@ -77,10 +104,10 @@ def test_materialize_everything_then_use_the_wine_assets_command(env, tmp_path):
     assert same.returncode == 0 and "production is already v1" in same.stdout
 
 
-def test_release_job_exits_non_zero_when_the_gate_fails(env, tmp_path, write_csv, dagster_home):
-    good = dagster("asset", "materialize", "-m", "wine_assets", "--select", "*", env=env, cwd=tmp_path)
-    assert good.returncode == 0, good.stderr[-3000:]
+def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_path, write_csv):
+    env = cli_materialized.env
     registry = tmp_path / "registry"
+    assert ModelRegistry(registry).production_version() == 1
     before = tree_snapshot(registry)
 
     params_file = Path(env["WINE_ASSETS_PARAMS"])

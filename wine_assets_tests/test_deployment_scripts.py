@@ -23,9 +23,12 @@ from wine_assets.registry import ModelRegistry
 
 from .conftest import REPO_ROOT
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("jq") is None or shutil.which("git") is None, reason="needs jq and git (.ci/run installs them)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("jq") is None or shutil.which("git") is None, reason="needs jq and git (.ci/run installs them)"
+    ),
+]
 SCRIPTS = REPO_ROOT / ".github" / "scripts"
 BIN = Path(sys.executable).parent
 

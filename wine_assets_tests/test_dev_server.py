@@ -1,4 +1,5 @@
-"""End to end: a real `dagster dev` (webserver and daemon) on 127.0.0.1 reacting to a new CSV.
+"""End to end: a real `dg dev` (what `make dev` runs: webserver and daemon) on 127.0.0.1 reacting
+to a new CSV.
 
 The new-data sensor must request a training run, the release sensor a release run after it,
 and a new version must appear in the registry; all observed through the webserver's GraphQL API.
@@ -19,7 +20,7 @@ import pytest
 
 from wine_assets.registry import ModelRegistry
 
-from .conftest import cli_env
+from .conftest import REPO_ROOT, cli_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -65,14 +66,15 @@ def test_new_csv_trains_and_releases_through_the_sensors(tmp_path, dagster_home,
     incoming.mkdir()
     params_file = write_params(data={"watch_dir": "incoming"})
     env = cli_env(dagster_home, params_file)
-    env.update(WINE_ASSETS_SENSORS="running", WINE_ASSETS_SENSOR_INTERVAL="3")
+    env.update(WINE_ASSETS_SENSORS="running", WINE_ASSETS_SENSOR_INTERVAL="3", VIRTUAL_ENV=str(BIN.parent))
     port = free_port()
     log_path = tmp_path / "dagster_dev.log"
     deadline = time.monotonic() + BUDGET_SECONDS
     with open(log_path, "wb") as log:
+        # dg dev serves the project of the folder it starts in ([tool.dg] in pyproject.toml).
         server = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-m", "wine_assets", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path,
+            [str(BIN / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO_ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -122,3 +124,4 @@ def test_new_csv_trains_and_releases_through_the_sensors(tmp_path, dagster_home,
     finally:
         stop_group(server)
     assert server.poll() is not None
+    assert "SupersessionWarning" not in log_path.read_text()

@@ -16,8 +16,6 @@ from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 from wine_assets.report import ABSENT, Baseline, CheckRow, ReportError, load_baseline, params_diff, plot_links, render
 
-from .conftest import cli_env
-
 BIN = Path(sys.executable).parent
 METRICS = {
     "accuracy": 0.9444,
@@ -147,17 +145,8 @@ def test_check_results_come_from_the_latest_runs(tmp_path, write_params, write_c
 
 
 @pytest.mark.slow
-def test_the_report_command_after_a_real_run(tmp_path, dagster_home, write_params):
-    env = cli_env(dagster_home, write_params())
-    materialize = subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert materialize.returncode == 0, materialize.stderr[-3000:]
+def test_the_report_command_after_a_real_run(cli_materialized, tmp_path):
+    env = cli_materialized.env
     baseline = baseline_file(tmp_path, accuracy=0.5)
     completed = subprocess.run(
         [str(BIN / "wine-assets"), "report", "--baseline", str(baseline), "--output", "out/report.md"],
