@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-from wine_assets.evaluation import HEADLINE_METRICS
 from wine_assets.registry import ModelRegistry, RegistryError
 
 PRODUCTION = "production"
@@ -105,6 +104,10 @@ def _number(value: Any) -> str:
 
 
 def metrics_table(current: Mapping[str, Any], baseline: Baseline | None) -> list[str]:
+    # Imported here: wine_assets.evaluation brings scikit-learn and matplotlib, which
+    # `wine-assets summary` (reading metrics.json through this module) does not need.
+    from wine_assets.evaluation import HEADLINE_METRICS
+
     if baseline is None:
         lines = ["| Metric | Value |", "|---|---|"]
         lines += [f"| {name} | {_number(current.get(name))} |" for name in HEADLINE_METRICS]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -126,26 +128,41 @@ def _prepare(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def cli_materialized_once(tmp_path_factory: pytest.TempPathFactory) -> Materialized:
-    """The whole graph materialized once per test process by the real CLI, for tests to copy."""
-    root = tmp_path_factory.mktemp("materialized")
-    home, params = _prepare(root)
-    env = cli_env(home, params)
-    completed = subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return Materialized(root, env, completed)
+    """The whole graph materialized once per test session by the real CLI, for tests to copy.
+
+    Under pytest-xdist each worker has a session of its own: the first to get here materializes
+    into a folder that all the run's workers share, the others wait on its lock and reuse it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / "materialized"
+    with open(shared / "materialized.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not (root / "materialize.json").is_file():
+            root.mkdir(exist_ok=True)
+            home, params = _prepare(root)
+            completed = subprocess.run(
+                [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*"],
+                env=cli_env(home, params),
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            record = {"args": completed.args, "stdout": completed.stdout, "stderr": completed.stderr}
+            (root / "materialize.json").write_text(json.dumps(record), encoding="utf-8")
+    record = json.loads((root / "materialize.json").read_text(encoding="utf-8"))
+    completed = subprocess.CompletedProcess(record["args"], 0, record["stdout"], record["stderr"])
+    return Materialized(root, cli_env(root / "dagster_home", root / "params.yaml"), completed)
 
 
 @pytest.fixture
 def cli_materialized(cli_materialized_once: Materialized, tmp_path: Path) -> Materialized:
     """A private copy of that folder in tmp_path (relative paths in params.yaml follow the copy)."""
-    shutil.copytree(cli_materialized_once.root, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(
+        cli_materialized_once.root, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("materialize.json")
+    )
     return Materialized(
         tmp_path, cli_env(tmp_path / "dagster_home", tmp_path / "params.yaml"), cli_materialized_once.completed
     )

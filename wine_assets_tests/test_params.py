@@ -127,3 +127,24 @@ def test_an_override_into_a_section_that_is_not_a_mapping_names_it(tmp_path):
     path.write_text('model: "x"\n')
     with pytest.raises(ParamsError, match="section 'model' must be a mapping"):
         load_params(path, ["model.n_estimators=5"])
+
+
+def test_every_problem_of_a_file_is_reported_on_a_line_of_its_own(write_params):
+    path = write_params(data={"test_size": 2}, model={"n_estimators": "many", "n_trees": 3})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    lines = str(error.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{path}: ") for line in lines)
+    assert any("data.test_size = 2 is out of range; allowed: 0 < value < 1" in line for line in lines)
+    assert any("model.n_estimators = 'many' is not a whole number; allowed: 1 <= value" in line for line in lines)
+    assert any("unknown key model.n_trees" in line for line in lines)
+
+
+def test_whole_floats_count_and_the_allowed_values_are_read_from_the_fields(write_params):
+    assert load_params(write_params(model={"n_estimators": 50.0})).model.n_estimators == 50
+    with pytest.raises(
+        ParamsError, match=r"data\.watch_dir = \[1\] has the wrong type; allowed: a non-empty text or null"
+    ):
+        load_params(write_params(data={"watch_dir": [1]}))
+    with pytest.raises(ParamsError, match=r"allowed: one of 'balanced', 'balanced_subsample' or null"):
+        load_params(write_params(model={"class_weight": "heavy"}))
