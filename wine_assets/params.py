@@ -1,8 +1,10 @@
 """Pipeline parameters: one YAML file, loaded and validated once.
 
 Every knob a reviewer may want to diff lives in ``params.yaml``. This module
-reads it, refuses unknown keys, checks types and ranges, and resolves relative
-paths against the folder of the params file (never the current directory).
+reads it and validates each section with a pydantic model (unknown keys refused,
+strict types, ``Field`` bounds), turns pydantic's errors into messages that name
+the file, the key, the value and the allowed range, and resolves relative paths
+against the folder of the params file (never the current directory).
 
 Where the file comes from, first match wins:
 

@@ -1,9 +1,10 @@
 """The benchmark script keeps working: a smoke run (10^3 rows, one run of everything).
 
 This measures nothing; `make bench` does, and writes benchmarks/RESULTS.md. The smoke run
-leaves out section 0 (fresh clones installed from PyPI: `make bench` runs it), and coverage is
-not measured in its processes: they run code that the other tests cover, and tracing them only
-makes this, the suite's longest test, longer.
+leaves out section 0 (fresh clones installed from PyPI) and the multiprocess executor (a
+process per step; test_cli runs that same command), and coverage is not measured in its
+processes: they run code that the other tests cover, and tracing them only makes this, the
+suite's longest test, longer.
 """
 
 import os
@@ -49,6 +50,7 @@ def test_the_benchmark_smoke_run_writes_every_section(tmp_path):
     for heading in ("## 1. Pipeline overhead", "## 2. Prediction", "## 3. Scale"):
         assert heading in text
     assert "## 0. Set-up" not in text  # --skip-setup
+    assert "| multiprocess executor (CLI with `-c`) | not run |" in text
     assert "Ratio CLI / bare:" in text and "per step" in text
     assert "| 1,000 rows |" in text and "training (`wine_model`)" in text
     assert "Largest size run here within 10 minutes per run: **1,000 rows**" in text

@@ -77,16 +77,27 @@ def decode_png(path):
     return matplotlib.image.imread(io.BytesIO(path.read_bytes()), format="png")
 
 
-def test_the_whole_graph_materializes_with_every_check(instance, write_params, tmp_path):
-    params_file = write_params()
-    result = run(instance, params_file)
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """One whole run on the built-in data with the default params, in a folder of its own; the
+    tests that only read its result, files and registry share it."""
+    folder = tmp_path_factory.mktemp("good_run")
+    (folder / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
+    (folder / "instance").mkdir()
+    with dg.instance_for_test(temp_dir=str(folder / "instance")) as instance:
+        result = run(instance, folder / "params.yaml")
+    return folder, result
+
+
+def test_the_whole_graph_materializes_with_every_check(good_run):
+    folder, result = good_run
     assert result.success
     assert materialized(result) == ALL_ASSETS
     evaluations = checks(result)
     assert set(evaluations) == RAW_CHECKS | {"accuracy_threshold", "no_regression"}
     assert all(evaluation.passed for evaluation in evaluations.values())
 
-    artifacts = tmp_path / "artifacts"
+    artifacts = folder / "artifacts"
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.80  # about 1.0 with seed 42; one of 36 test rows is 2.8 points
     assert metrics["data"]["train_rows"] == 142 and metrics["data"]["test_rows"] == 36
@@ -96,7 +107,7 @@ def test_the_whole_graph_materializes_with_every_check(instance, write_params, t
         image = decode_png(artifacts / "plots" / name)
         assert image.shape[0] > 200 and image.std() > 0.05
 
-    registry = ModelRegistry(tmp_path / "registry")
+    registry = ModelRegistry(folder / "registry")
     bundle = registry.load()
     assert bundle.version == 1
     # The released model is the very file training wrote, not a re-serialization of it.
@@ -107,8 +118,8 @@ def test_the_whole_graph_materializes_with_every_check(instance, write_params, t
     assert bundle.manifest["dagster_run_id"] == result.run_id
 
 
-def test_asset_metadata_is_what_the_ui_shows(instance, write_params):
-    result = run(instance, write_params())
+def test_asset_metadata_is_what_the_ui_shows(good_run):
+    _, result = good_run
     meta = {
         event.asset_key.to_user_string(): event.step_materialization_data.materialization.metadata
         for event in result.get_asset_materialization_events()
@@ -153,14 +164,9 @@ def test_every_asset_has_a_description_code_version_and_group():
 
 
 @pytest.fixture(scope="module")
-def released_registry(tmp_path_factory, wine_frame):
-    """A registry with one good release, built once and copied into the tests that need one."""
-    folder = tmp_path_factory.mktemp("released")
-    (folder / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
-    (folder / "instance").mkdir()
-    with dg.instance_for_test(temp_dir=str(folder / "instance")) as instance:
-        assert run(instance, folder / "params.yaml").success
-    return folder / "registry"
+def released_registry(good_run):
+    """A registry with one good release (the shared good run's), copied into the tests that need one."""
+    return good_run[0] / "registry"
 
 
 @pytest.fixture
