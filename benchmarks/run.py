@@ -529,9 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
         tmp = Path(scratch)
         setup_lines = [] if args.skip_setup else setup(tmp, *((1, 0) if args.smoke else (2, 1)))
-        # The smoke run starts the multiprocess executor on one asset: a process per step of the
-        # whole graph is a minute of imports, and the smoke run measures nothing.
-        overhead_lines, released = overhead(tmp, runs, multiprocess_runs, noop_runs, "raw_wine" if args.smoke else "*")
+        overhead_lines, released = overhead(tmp, runs, multiprocess_runs, noop_runs)
         overhead_lines += overhead_at_size(tmp, large_rows, large_runs)
         prediction_lines = prediction(released, tmp, cold_runs, reps)
         scale_lines = scale(tmp, sizes, args.n_jobs)
