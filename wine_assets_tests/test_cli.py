@@ -125,15 +125,19 @@ def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_pa
     assert ModelRegistry(registry).production_version() == 1
 
 
-def test_multiprocess_executor_is_selectable_by_run_config(env, tmp_path):
+def test_multiprocess_executor_is_selectable_by_run_config(cli_materialized, tmp_path):
+    # One step (scaler, whose input train_set is stored in the copied instance): the executor's
+    # choice is what is under test, and each step is a process that imports everything.
     config = tmp_path / "multiprocess.yaml"
     config.write_text("execution:\n  config:\n    multiprocess:\n      max_concurrent: 2\n")
+    env = cli_materialized.env
     completed = dagster(
-        "asset", "materialize", "-m", "wine_assets", "--select", "raw_wine", "-c", str(config), env=env, cwd=tmp_path
+        "asset", "materialize", "-m", "wine_assets", "--select", "scaler", "-c", str(config), env=env, cwd=tmp_path
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Executing steps using multiprocess executor" in completed.stderr
     assert "Executing steps in process" not in completed.stderr
+    assert 'Launching subprocess for "scaler"' in completed.stderr
 
 
 def test_params_override_from_a_run_config_file(env, tmp_path):
