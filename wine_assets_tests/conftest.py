@@ -23,6 +23,18 @@ from wine_assets.ingestion import load_builtin_frame
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+ALL_ASSETS = {
+    "raw_wine",
+    "validated_wine",
+    "train_set",
+    "test_set",
+    "scaler",
+    "wine_model",
+    "evaluation_metrics",
+    "confusion_matrix_plot",
+    "feature_importance_plot",
+    "model_deployment",
+}
 
 
 @pytest.fixture(autouse=True)

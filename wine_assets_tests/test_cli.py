@@ -10,7 +10,7 @@ import yaml
 
 from wine_assets.registry import ModelRegistry
 
-from .conftest import REPO_ROOT, cli_env, shuffled_labels, tree_snapshot
+from .conftest import ALL_ASSETS, REPO_ROOT, cli_env, shuffled_labels, tree_snapshot
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -50,18 +50,7 @@ def test_dg_checks_and_lists_the_project_definitions(env):
     listed = sh([str(BIN / "dg"), "list", "defs", "--json"], dg_env, REPO_ROOT)
     assert listed.returncode == 0, listed.stderr[-2000:]
     found = json.loads(listed.stdout)
-    assert {asset["asset_key"] for asset in found["assets"]} == {
-        "raw_wine",
-        "validated_wine",
-        "train_set",
-        "test_set",
-        "scaler",
-        "wine_model",
-        "evaluation_metrics",
-        "confusion_matrix_plot",
-        "feature_importance_plot",
-        "model_deployment",
-    }
+    assert {asset["asset_key"] for asset in found["assets"]} == ALL_ASSETS
     assert {job["name"] for job in found["jobs"]} == {"training_job", "release_job"}
     assert {sensor["name"] for sensor in found["sensors"]} == {"new_data_sensor", "release_after_training"}
     assert len(found["asset_checks"]) == 8

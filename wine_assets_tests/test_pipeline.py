@@ -14,20 +14,8 @@ from wine_assets.files import sha256_file
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 
-from .conftest import shuffled_labels, tree_snapshot
+from .conftest import ALL_ASSETS, shuffled_labels, tree_snapshot
 
-ALL_ASSETS = {
-    "raw_wine",
-    "validated_wine",
-    "train_set",
-    "test_set",
-    "scaler",
-    "wine_model",
-    "evaluation_metrics",
-    "confusion_matrix_plot",
-    "feature_importance_plot",
-    "model_deployment",
-}
 RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers", "feature_drift"}
 
 
