@@ -26,7 +26,8 @@ help: ## list the targets
 $(UV_TOOL_DIR)/bin/uv:
 	@if $(PYTHON) -m pip --version > /dev/null 2>&1; then \
 		echo "installing uv $(UV_VERSION) into $(UV_TOOL_DIR)"; \
-		$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target $(UV_TOOL_DIR) uv==$(UV_VERSION); \
+		PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check \
+			--target $(UV_TOOL_DIR) uv==$(UV_VERSION); \
 	else \
 		$(PYTHON) -m venv --clear $(UV_TOOL_DIR) && \
 		$(UV_TOOL_DIR)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); \

@@ -227,13 +227,18 @@ def _reason(error: Mapping[str, Any]) -> str:
 
 def _message(where: str, error: Mapping[str, Any]) -> str:
     location = [str(part) for part in error["loc"]]
+    # invalid_key: a key that is not text (YAML reads 1, yes, on as numbers and flags); its
+    # location says 1 for True, the input says what was written.
+    unknown = error["type"] in ("extra_forbidden", "invalid_key")
+    if error["type"] == "invalid_key":
+        location[-1] = str(error["input"])
     if len(location) == 1:
-        if error["type"] == "extra_forbidden":
+        if unknown:
             return f"{where}: unknown section '{location[0]}'; the sections are: {', '.join(SECTIONS)}"
         return f"{where}: section '{location[0]}' must be a mapping of keys to values"
     section, key = location[0], location[1]
     fields = SECTIONS[section].model_fields
-    if error["type"] == "extra_forbidden":
+    if unknown:
         return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {', '.join(fields)}"
     info = fields[key]
     return f"{where}: {section}.{key} = {error['input']!r} {_reason(error)}; allowed: {describe_allowed(info)}"

@@ -68,6 +68,9 @@ def git(*args):
 
 
 def main():
+    if words[:2] == ["release", "list"] and os.environ.get("FAKE_GH_FAIL") == "release list":
+        print("HTTP 502: Bad Gateway", file=sys.stderr)
+        return 1
     if words[:2] == ["release", "list"]:
         releases = [r for r in state["releases"] if not (r["isDraft"] and "--exclude-drafts" in words)]
         return answer([{"tagName": r["tagName"], "isDraft": r["isDraft"]} for r in releases])
@@ -87,12 +90,16 @@ def main():
         for name in names:
             shutil.copy(release["assets"][name], target / name)
         return 0
+    if words[0] == "api" and "/git/matching-refs/tags/" in words[1]:
+        prefix = "refs/tags/" + words[1].split("/git/matching-refs/tags/", 1)[1]
+        listed = git("for-each-ref", "--format=%(refname) %(objectname)", prefix + "*").stdout.splitlines()
+        refs = [line.split() for line in listed if line.strip()]
+        return answer([{"ref": name, "object": {"type": "commit", "sha": sha}} for name, sha in refs])
     if words[0] == "api" and "/git/ref/tags/" in words[1]:
-        found = git("rev-parse", "--verify", "--quiet", "refs/tags/" + words[1].rsplit("/", 1)[1])
-        if found.returncode != 0:
-            print("HTTP 404: Not Found", file=sys.stderr)
-            return 1
-        return answer({"object": {"type": "commit", "sha": found.stdout.strip()}})
+        # As the real gh: a 404 skips --jq and prints the error body on stdout.
+        print(json.dumps({"message": "Not Found", "status": "404"}))
+        print("gh: Not Found (HTTP 404)", file=sys.stderr)
+        return 1
     if words[:2] == ["release", "create"]:
         tag, files = words[2], [w for w in words[3:] if not w.startswith("--")]
         asset = Path(files[0]).resolve()
@@ -255,6 +262,15 @@ def test_a_rerun_of_an_old_pipeline_run_is_not_deployed(github):
         assert f"::notice::skipped: {head} does not descend from {newer}" in done.stdout
         assert github.decision() == "false"
     assert github.run("restore-production.sh", newer).returncode == 0 and github.decision() == "true"
+
+
+def test_a_failing_release_listing_stops_the_restore_without_a_decision(github):
+    github.release(1, github.commit("first"))
+    github.env["FAKE_GH_FAIL"] = "release list"
+    done = github.run("restore-production.sh", github.commit("second"))
+    assert done.returncode != 0 and "Bad Gateway" in done.stderr
+    assert github.decision() is None  # never "no model released yet", never deploy=true
+    assert github.registry.versions() == []
 
 
 def test_a_production_commit_missing_from_history_stops_the_deployment(github):

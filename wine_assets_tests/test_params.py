@@ -84,11 +84,18 @@ def test_bad_values_name_the_file_key_and_allowed_range(write_params, section, k
     assert str(path) in str(error.value)
 
 
-def test_unknown_keys_and_sections_are_refused(write_params):
+def test_unknown_keys_and_sections_are_refused(write_params, tmp_path):
     with pytest.raises(ParamsError, match=r"unknown key model\.n_trees; the keys of 'model' are: n_estimators"):
         load_params(write_params(model={"n_trees": 5}))
     with pytest.raises(ParamsError, match=r"unknown section 'training'"):
         params_from_mapping({"training": {}})
+    # YAML reads 1, yes and on as a number and a flag: keys that are not text are unknown keys too
+    path = tmp_path / "odd-keys.yaml"
+    path.write_text("model: {n_estimators: 5, 3: x, yes: 1}\n1: {}\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert "unknown key model.3" in str(error.value) and "unknown key model.True" in str(error.value)
+    assert "unknown section '1'" in str(error.value)
 
 
 def test_malformed_documents_are_refused(tmp_path):

@@ -17,9 +17,10 @@ if [ "$(gh release view "$tag" --repo "$GITHUB_REPOSITORY" --json isDraft --jq '
   exit 0
 fi
 
-# The numbering never picks a taken tag; refuse one that appeared since.
-ref=$(gh api "repos/${GITHUB_REPOSITORY}/git/ref/tags/${tag}" --jq '.object.type + " " + .object.sha' \
-  2> /dev/null || true)
+# The numbering never picks a taken tag; refuse one that appeared since. matching-refs answers
+# an empty list when there is none (a missing ref/ would answer 404 with a body on stdout).
+ref=$(gh api "repos/${GITHUB_REPOSITORY}/git/matching-refs/tags/${tag}" \
+  --jq ".[] | select(.ref == \"refs/tags/${tag}\") | .object.type + \" \" + .object.sha")
 if [ "${ref%% *}" = tag ]; then  # an annotated tag: the commit it points at
   ref="commit $(gh api "repos/${GITHUB_REPOSITORY}/git/tags/${ref#* }" --jq '.object.sha')"
 fi

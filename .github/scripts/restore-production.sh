@@ -7,10 +7,12 @@
 set -euo pipefail
 wine_assets=${WINE_ASSETS:-.venv/bin/wine-assets}
 
-# Published model-v<N> releases (drafts excluded), highest first, and model-v<N> tags.
-mapfile -t released < <(gh release list --repo "$GITHUB_REPOSITORY" --exclude-drafts --limit 1000 \
-  --json tagName,isDraft --jq '.[] | select(.isDraft | not) | .tagName | select(test("^model-v[0-9]+$"))
-                               | ltrimstr("model-v")' | sort -rn)
+# Published model-v<N> releases (drafts excluded), highest first, and model-v<N> tags. The list
+# is taken first so that a failing gh stops the script (inside <(...) its failure would not).
+listing=$(gh release list --repo "$GITHUB_REPOSITORY" --exclude-drafts --limit 1000 \
+  --json tagName,isDraft --jq '.[] | select(.isDraft | not) | .tagName | select(test("^model-v[1-9][0-9]*$"))
+                               | ltrimstr("model-v")')
+mapfile -t released < <(printf '%s\n' "$listing" | sed '/^$/d' | sort -rn)
 mapfile -t tagged < <(git tag --list 'model-v*' | sed -n 's/^model-v\([1-9][0-9]*\)$/\1/p' | sort -rn)
 highest=$(printf '%s\n' 0 "${released[@]}" "${tagged[@]}" | sort -n | tail -1)
 for number in "${tagged[@]}"; do
