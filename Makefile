@@ -8,8 +8,8 @@ DAGSTER_YAML := $(DAGSTER_HOME)/dagster.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-# uv installs exactly uv.lock. It is bootstrapped from the package registry into a small tool
-# venv (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
+# uv installs exactly uv.lock. It is bootstrapped from the package registry into .tools/uv
+# (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
 UV_VERSION := 0.13.9
 UV_TOOL_DIR := .tools/uv
 UV ?= $(UV_TOOL_DIR)/bin/uv
@@ -87,7 +87,7 @@ test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverag
 test-quick: $(STAMP) ## the quick loop: every test that starts no server or CLI process (-m "not slow")
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "not slow"
 
-bench: $(STAMP) ## benchmarks: overhead, prediction speed, scale (about 15 minutes) -> benchmarks/RESULTS.md
+bench: $(STAMP) ## benchmarks: set-up, overhead, prediction speed, scale (about 18 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
 
 # dg runs the project from its own folder with .venv; VIRTUAL_ENV tells it that venv is the active one.

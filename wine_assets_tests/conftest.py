@@ -100,13 +100,16 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     }
 
 
+def make_dagster_home(home: Path) -> Path:
+    """A persistent Dagster instance folder with telemetry off, for CLI runs."""
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    return home
+
+
 @pytest.fixture
 def dagster_home(tmp_path: Path) -> Iterator[Path]:
-    """A persistent Dagster instance folder with telemetry off, for CLI runs."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
-    yield home
+    yield make_dagster_home(tmp_path / "dagster_home")
 
 
 def cli_env(dagster_home: Path, params_file: Path) -> dict[str, str]:
@@ -130,9 +133,7 @@ class Materialized:
 
 
 def _prepare(root: Path) -> tuple[Path, Path]:
-    home = root / "dagster_home"
-    home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    home = make_dagster_home(root / "dagster_home")
     params = root / "params.yaml"
     params.write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n", encoding="utf-8")
     return home, params

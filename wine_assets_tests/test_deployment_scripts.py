@@ -95,11 +95,6 @@ def main():
         listed = git("for-each-ref", "--format=%(refname) %(objectname)", prefix + "*").stdout.splitlines()
         refs = [line.split() for line in listed if line.strip()]
         return answer([{"ref": name, "object": {"type": "commit", "sha": sha}} for name, sha in refs])
-    if words[0] == "api" and "/git/ref/tags/" in words[1]:
-        # As the real gh: a 404 skips --jq and prints the error body on stdout.
-        print(json.dumps({"message": "Not Found", "status": "404"}))
-        print("gh: Not Found (HTTP 404)", file=sys.stderr)
-        return 1
     if words[:2] == ["release", "create"]:
         tag, files = words[2], [w for w in words[3:] if not w.startswith("--")]
         asset = Path(files[0]).resolve()
