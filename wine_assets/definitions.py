@@ -9,31 +9,13 @@ from wine_assets.pipeline.evaluation import (
     evaluation_metrics,
     feature_importance_plot,
 )
+from wine_assets.pipeline.executor import wine_assets_executor
 from wine_assets.pipeline.features import scaler, train_test_split_assets
 from wine_assets.pipeline.ingestion import raw_wine
 from wine_assets.pipeline.release import model_deployment
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.pipeline.training import wine_model
 from wine_assets.pipeline.validation import raw_wine_checks, validated_wine
-
-
-@dg.executor(
-    name="in_process_or_multiprocess",
-    config_schema=dg.Field(
-        dg.multi_or_in_process_executor.config_schema.config_type,
-        default_value={"in_process": {}},
-        description="in_process (default): every step in the run's process. multiprocess: a process per step.",
-    ),
-    requirements=lambda config: dg.multiple_process_executor_requirements() if "multiprocess" in config else [],
-)
-def in_process_or_multiprocess(init_context: dg.InitExecutorContext) -> dg.Executor:
-    """Dagster's own executor with in-process as the default.
-
-    A process per step re-imports dagster and scikit-learn each time (seconds per step), which
-    dwarfs this graph's work. Select ``execution: {config: {multiprocess: {}}}`` for isolation.
-    """
-    return dg.multi_or_in_process_executor.executor_creation_fn(init_context)
-
 
 ASSETS = [
     raw_wine,
@@ -84,5 +66,5 @@ defs = dg.Definitions(
     sensors=[new_data_sensor, release_after_training],
     schedules=[retrain_schedule],
     resources={"params": WineParamsResource()},
-    executor=in_process_or_multiprocess,
+    executor=wine_assets_executor,
 )

@@ -72,6 +72,9 @@ class ModelParams(_Section):
     class_weight: Literal["balanced", "balanced_subsample"] | None = None
     random_state: Count = Field(42, ge=0, description="seed of the forest")
     n_jobs: Count = Field(1, ge=-1, description="-1: all cores")
+    dask_scheduler: Text | None = Field(
+        None, description="a dask.distributed scheduler address (tcp://host:port) to fit the trees on; null: local"
+    )
 
     @field_validator("n_jobs")
     @classmethod
@@ -308,17 +311,69 @@ def find_params_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
 def load_params(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Params:
     """Find, read and validate the params; raise ParamsError naming file and key on a problem."""
     params_file = find_params_file(path)
+    hint = f" (set by {PARAMS_ENV_VAR})" if not path and os.environ.get(PARAMS_ENV_VAR) else ""
+    return read_params(params_file, overrides, base_dir=None, hint=hint)
+
+
+# -- the params a run was launched with, carried to every step as run tags --
+LAUNCH_FILE_TAG = "wine_assets/params_file"
+LAUNCH_BASE_DIR_TAG = "wine_assets/params_base_dir"
+NO_PARAMS_FILE = "none (built-in defaults)"
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    """Where a run's params come from, fixed when the run starts, so a step executed by a worker
+    in another folder (or on another machine with the same shared storage) reads the same file
+    and resolves relative paths against the same folder."""
+
+    params_file: Path | None
+    base_dir: Path
+
+    @classmethod
+    def resolve(cls, explicit: str | os.PathLike[str] | None = None) -> LaunchParams:
+        """Resolve in this (the launching) process: an explicit path, $WINE_ASSETS_PARAMS, ./params.yaml."""
+        params_file = find_params_file(explicit)
+        return cls(params_file, params_file.parent if params_file else Path.cwd().resolve())
+
+    def to_tags(self) -> dict[str, str]:
+        return {
+            LAUNCH_FILE_TAG: str(self.params_file) if self.params_file else NO_PARAMS_FILE,
+            LAUNCH_BASE_DIR_TAG: str(self.base_dir),
+        }
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> LaunchParams | None:
+        """The launch params a run carries, or None for a run that carries none."""
+        if LAUNCH_FILE_TAG not in tags:
+            return None
+        file_tag, base_tag = tags[LAUNCH_FILE_TAG], tags.get(LAUNCH_BASE_DIR_TAG, "")
+        for name, value in ((LAUNCH_FILE_TAG, file_tag), (LAUNCH_BASE_DIR_TAG, base_tag)):
+            if value != NO_PARAMS_FILE and not Path(value).is_absolute():
+                raise ParamsError(f"run tag {name} = {value!r} is not an absolute path")
+        return cls(None if file_tag == NO_PARAMS_FILE else Path(file_tag), Path(base_tag))
+
+    def load(self, overrides: Sequence[str] = ()) -> Params:
+        """Read exactly this file (never a fallback): a missing file is an error naming it."""
+        hint = " (the file this run was launched with)"
+        return read_params(self.params_file, overrides, base_dir=self.base_dir, hint=hint)
+
+
+def read_params(
+    params_file: Path | None, overrides: Sequence[str] = (), *, base_dir: Path | None = None, hint: str = ""
+) -> Params:
+    """Read and validate one params file, or the built-in defaults when it is None; relative paths
+    resolve against base_dir (default: the file's folder, or the current directory for defaults)."""
     if params_file is None:
         raw: Any = {}
         where = "built-in defaults"
-        base_dir = Path.cwd()
+        base_dir = base_dir or Path.cwd()
     else:
         where = str(params_file)
-        base_dir = params_file.parent
+        base_dir = base_dir or params_file.parent
         try:
             text = params_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            hint = f" (set by {PARAMS_ENV_VAR})" if not path and os.environ.get(PARAMS_ENV_VAR) else ""
             raise ParamsError(f"params file not found: {params_file}{hint}") from None
         except OSError as exc:
             raise ParamsError(f"params file {params_file} cannot be read: {exc.strerror}") from exc

@@ -13,11 +13,18 @@ from wine_assets.features import features_of
 from wine_assets.params import ModelParams
 from wine_assets.validation import TARGET_COLUMN
 
+DASK_CONNECT_SECONDS = 10.0
+
+
+class ClusterUnavailable(RuntimeError):
+    """The Dask scheduler named by model.dask_scheduler could not be reached, or has no workers."""
+
 
 @dataclass(frozen=True)
 class TrainingResult:
     model: RandomForestClassifier
     seconds: float
+    backend: str = "local"
 
 
 def build_model(model_params: ModelParams) -> RandomForestClassifier:
@@ -34,12 +41,47 @@ def build_model(model_params: ModelParams) -> RandomForestClassifier:
 
 
 def train_model(train: pd.DataFrame, scaler: StandardScaler, model_params: ModelParams) -> TrainingResult:
-    """Fit the forest on the scaled training features; report how long the fit took."""
+    """Fit the forest on the scaled training features; report how long the fit took.
+
+    With ``model.dask_scheduler`` set, the trees are fitted on that Dask cluster (joblib's dask
+    backend). Each tree's seed is drawn from ``random_state`` before any tree is fitted, so where
+    a tree is fitted does not change it: the model predicts exactly what a local fit predicts.
+    """
     features = scaler.transform(features_of(train))
+    target = train[TARGET_COLUMN].to_numpy()
     model = build_model(model_params)
-    started = time.perf_counter()
-    model.fit(features, train[TARGET_COLUMN].to_numpy())
-    return TrainingResult(model=model, seconds=time.perf_counter() - started)
+    if model_params.dask_scheduler is None:
+        started = time.perf_counter()
+        model.fit(features, target)
+        return TrainingResult(model=model, seconds=time.perf_counter() - started)
+    return _fit_on_dask(model, features, target, model_params.dask_scheduler)
+
+
+def _fit_on_dask(model: RandomForestClassifier, features, target, address: str) -> TrainingResult:  # noqa: ANN001
+    import joblib
+    from distributed import Client
+
+    where = f"the Dask scheduler at {address} (model.dask_scheduler)"
+    try:
+        client = Client(address, timeout=DASK_CONNECT_SECONDS, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ClusterUnavailable(f"cannot reach {where}: {exc}") from exc
+    with client:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        if workers == 0:
+            raise ClusterUnavailable(f"{where} has no workers")
+        # n_jobs=-1 while fitting: every worker's threads; the params' n_jobs is put back after, so
+        # the stored model is the one a local fit stores.
+        local_n_jobs = model.n_jobs
+        model.set_params(n_jobs=-1)
+        started = time.perf_counter()
+        try:
+            with joblib.parallel_config(backend="dask", client=client, wait_for_workers_timeout=DASK_CONNECT_SECONDS):
+                model.fit(features, target)
+        finally:
+            model.set_params(n_jobs=local_n_jobs)
+        seconds = time.perf_counter() - started
+    return TrainingResult(model=model, seconds=seconds, backend=f"dask {address} ({workers} workers)")
 
 
 def feature_importances(

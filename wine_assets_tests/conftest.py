@@ -7,8 +7,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from wine_assets import services
 from wine_assets.ingestion import load_builtin_frame
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +183,185 @@ def cli_materialized(cli_materialized_once: Materialized, tmp_path: Path) -> Mat
     return Materialized(
         tmp_path, cli_env(tmp_path / "dagster_home", tmp_path / "params.yaml"), cli_materialized_once.completed
     )
+
+
+# -- real servers for the scale-out tests (wine_assets.services, the code behind `make services`) --
+SERVICES_DIR_ENV = "WINE_ASSETS_TEST_SERVICES_DIR"
+REQUIRE_SERVICES_ENV = "WINE_ASSETS_REQUIRE_SERVICES"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controlling pytest process (not an xdist worker) owns one folder for the servers that
+    every worker shares; it stops them in pytest_unconfigure, after the last worker is done."""
+    if not hasattr(config, "workerinput") and SERVICES_DIR_ENV not in os.environ:
+        os.environ[SERVICES_DIR_ENV] = tempfile.mkdtemp(prefix="wine-assets-services-")
+        config.stash[_SERVICES_OWNER] = os.environ[SERVICES_DIR_ENV]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_SERVICES_OWNER, None)
+    if root:
+        services.down(Path(root) / "state", Path(root) / "services.env")
+        shutil.rmtree(root, ignore_errors=True)
+        os.environ.pop(SERVICES_DIR_ENV, None)
+
+
+_SERVICES_OWNER = pytest.StashKey[str]()
+
+
+def _missing_servers() -> list[str]:
+    missing = [] if shutil.which("redis-server") else ["redis-server"]
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) and not shutil.which("postgres"):
+        missing.append("postgresql")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def services_env() -> dict[str, str]:
+    """PostgreSQL, Redis and a two-worker Dask cluster, started once for the whole test run by the
+    first worker that asks (under a file lock), reused by the others, stopped by the controller."""
+    missing = _missing_servers()
+    if missing:
+        message = f"needs {', '.join(missing)} (apt-get install {' '.join(missing)}; .ci/run installs them)"
+        if os.environ.get(REQUIRE_SERVICES_ENV):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = Path(os.environ[SERVICES_DIR_ENV])
+    with open(root / "services.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return services.up(root / "state", root / "services.env", timeout=120)
+
+
+def xdist_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
+@pytest.fixture(scope="session")
+def scaleout_env(services_env: dict[str, str]) -> dict[str, str]:
+    """The servers' variables for this xdist worker: a PostgreSQL database and a Redis database of its
+    own (tests on one worker run one after another; workers never share a queue or run history)."""
+    index = xdist_index()
+    database = f"wine_assets_gw{index}"
+    services.create_database(
+        services_env["DAGSTER_PG_HOST"],
+        int(services_env["DAGSTER_PG_PORT"]),
+        services_env["DAGSTER_PG_PASSWORD"],
+        database,
+    )
+    redis = services_env["WINE_ASSETS_CELERY_BROKER"].rsplit("/", 1)[0]
+    return {
+        **services_env,
+        "DAGSTER_PG_DB": database,
+        "WINE_ASSETS_CELERY_BROKER": f"{redis}/{2 + index % 12}",
+        "WINE_ASSETS_CELERY_BACKEND": f"{redis}/{2 + index % 12}",
+    }
+
+
+def make_postgres_home(home: Path) -> Path:
+    """A DAGSTER_HOME whose dagster.yaml is deploy/dagster-postgres.yaml, as `make run INSTANCE=postgres`."""
+    home.mkdir(exist_ok=True)
+    shutil.copy(REPO_ROOT / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
+    return home
+
+
+def stop_group(process: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a process started with start_new_session=True and everything in its group."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            # The leader is gone; make sure no member of its group outlives it.
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def group_members(pgid: int) -> set[int]:
+    """The live processes of a process group (from /proc)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
+
+
+@dataclass
+class CeleryWorker:
+    process: subprocess.Popen
+    folder: Path
+    log: Path
+    env: dict[str, str]
+
+    def pool_pids(self) -> set[int]:
+        return group_members(self.process.pid) - {self.process.pid}
+
+
+def start_celery_worker(folder: Path, env: dict[str, str], concurrency: int = 2, timeout: float = 90) -> CeleryWorker:
+    """`make worker`'s command, started in `folder` (not the project), ready when it says so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "worker.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "wine_assets.pipeline.celery_app",
+                "worker",
+                "-Q",
+                "dagster",
+                "--prefetch-multiplier=1",
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                f"--hostname=wine-test-{folder.name}@%h",
+            ],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the Celery worker exited:\n{log.read_text()[-3000:]}")
+        if " ready." in log.read_text(errors="replace"):
+            return CeleryWorker(process, folder, log, env)
+        time.sleep(0.3)
+    stop_group(process)
+    raise AssertionError(f"the Celery worker was not ready within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def scaleout_cli_env(base: dict[str, str], home: Path, params_file: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(base)
+    env.update(DAGSTER_HOME=str(home), PYTHONWARNINGS="ignore")
+    env.pop("WINE_ASSETS_PARAMS", None)
+    if params_file is not None:
+        env["WINE_ASSETS_PARAMS"] = str(params_file)
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_worker(scaleout_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
+    """One Celery worker per xdist worker, on that worker's own queue, started in a folder with a
+    params.yaml of its own that no run must read (it names other folders and a 1-tree forest)."""
+    folder = tmp_path_factory.mktemp("celery_worker")
+    (folder / "params.yaml").write_text(
+        "model: {n_estimators: 1}\npaths: {artifacts_dir: worker_artifacts, registry_dir: worker_registry}\n"
+    )
+    env = scaleout_cli_env(scaleout_env, make_postgres_home(folder / "dagster_home"))
+    worker = start_celery_worker(folder, env)
+    try:
+        yield worker
+    finally:
+        stop_group(worker.process)

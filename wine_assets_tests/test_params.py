@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from wine_assets.params import (
+    LaunchParams,
     Params,
     ParamsError,
     load_params,
@@ -155,3 +156,19 @@ def test_whole_floats_count_and_the_allowed_values_are_read_from_the_fields(writ
         load_params(write_params(data={"watch_dir": [1]}))
     with pytest.raises(ParamsError, match=r"allowed: one of 'balanced', 'balanced_subsample' or null"):
         load_params(write_params(model={"class_weight": "heavy"}))
+
+
+def test_launch_params_travel_as_tags_and_refuse_relative_paths(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("model: {n_estimators: 9}\npaths: {artifacts_dir: out}\n")
+    launch = LaunchParams.resolve(params_file)
+    assert LaunchParams.from_tags(launch.to_tags()) == launch
+    assert LaunchParams.from_tags({}) is None
+    loaded = launch.load(["model.max_depth=3"])
+    assert (loaded.model.n_estimators, loaded.model.max_depth) == (9, 3)
+    assert loaded.artifacts_dir == tmp_path / "out"
+    with pytest.raises(ParamsError, match=r"run tag wine_assets/params_file = 'params.yaml' is not an absolute path"):
+        LaunchParams.from_tags({"wine_assets/params_file": "params.yaml", "wine_assets/params_base_dir": "/x"})
+    params_file.unlink()
+    with pytest.raises(ParamsError, match=rf"params file not found: {params_file} \(the file this run was launched"):
+        launch.load()

@@ -11,6 +11,7 @@ import pytest
 
 from wine_assets.definitions import ASSET_CHECKS, ASSETS, defs
 from wine_assets.files import sha256_file
+from wine_assets.params import LaunchParams
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 
@@ -381,3 +382,61 @@ def test_a_damaged_production_alias_warns_and_is_repaired_by_the_next_release(in
     assert checks(result)["no_regression"].severity == dg.AssetCheckSeverity.WARN
     assert not checks(result)["feature_drift"].passed
     assert ModelRegistry(registry_copy).production_version() == 2
+
+
+def test_a_run_reads_the_params_file_it_was_launched_with_or_fails_naming_it(instance, write_params, tmp_path):
+    """The run's tags (what the project's executor writes at launch) win over the step's own folder,
+    and a file that is gone by the time a step runs fails the run instead of falling back."""
+    launched = write_params("launched.yaml", model={"n_estimators": 7})
+    tags = LaunchParams.resolve(launched).to_tags()
+    result = dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        instance=instance,
+        resources={"params": WineParamsResource()},  # no file of its own: ./params.yaml is absent here
+        selection=["raw_wine", "validated_wine", "train_set", "test_set", "scaler", "wine_model"],
+        tags=tags,
+    )
+    model = result.output_for_node("wine_model")
+    assert model.n_estimators == 7
+    assert (tmp_path / "artifacts" / "model.joblib").is_file()
+
+    launched.unlink()
+    result = dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        instance=instance,
+        resources={"params": WineParamsResource()},
+        selection=["raw_wine"],
+        tags=tags,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(event for event in result.all_events if event.is_failure)
+    assert f"params file not found: {launched} (the file this run was launched with)" in str(
+        failure.event_specific_data
+    )
+
+
+def test_a_run_launched_without_a_params_file_says_so_and_keeps_its_folder(instance, tmp_path, monkeypatch):
+    launch_dir = tmp_path / "launch"
+    launch_dir.mkdir()
+    monkeypatch.chdir(launch_dir)
+    tags = LaunchParams.resolve().to_tags()
+    assert tags == {
+        "wine_assets/params_file": "none (built-in defaults)",
+        "wine_assets/params_base_dir": str(launch_dir),
+    }
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a worker's folder: the defaults' relative paths still mean launch/
+    result = dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        instance=instance,
+        resources={"params": WineParamsResource()},
+        selection=["raw_wine", "validated_wine", "train_set", "test_set", "scaler"],
+        tags=tags,
+    )
+    assert result.success
+    assert (launch_dir / "artifacts" / "scaler.joblib").is_file()
+    assert not (elsewhere / "artifacts").exists()
+    messages = [record.user_message for record in instance.all_logs(result.run_id)]
+    assert any("no params file existed when this run was launched" in message for message in messages)

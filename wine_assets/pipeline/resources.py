@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import PrivateAttr
 
-from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
+from wine_assets.params import PARAMS_ENV_VAR, LaunchParams, Params, ParamsError, load_params
 
 
 class WineParamsResource(dg.ConfigurableResource):
@@ -11,6 +11,10 @@ class WineParamsResource(dg.ConfigurableResource):
 
     Leave ``params_file`` empty to use ``$WINE_ASSETS_PARAMS`` or ``./params.yaml``.
     ``overrides`` takes ``section.key=value`` strings, e.g. ``model.n_estimators=50``.
+
+    In a run, the file is the one the run was launched with: the project's executor resolves it
+    to an absolute path when the run starts and tags the run with it (see ``LaunchParams``), so a
+    step on a worker in another folder reads the same file, or fails naming it.
     """
 
     params_file: str | None = None
@@ -19,16 +23,32 @@ class WineParamsResource(dg.ConfigurableResource):
     _params: Params | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._params = self._load()
+        launch = None
+        if context.dagster_run is not None:
+            try:
+                launch = LaunchParams.from_tags(context.dagster_run.tags)
+            except ParamsError as exc:
+                raise self._failure(exc) from exc
+        if launch is not None and launch.params_file is None:
+            context.log.warning(
+                "no params file existed when this run was launched: built-in defaults, paths relative to %s",
+                launch.base_dir,
+            )
+        self._params = self._load(launch)
 
-    def _load(self) -> Params:
+    def _load(self, launch: LaunchParams | None = None) -> Params:
         try:
+            if launch is not None:
+                return launch.load(self.overrides)
             return load_params(self.params_file, self.overrides)
         except ParamsError as exc:
-            raise dg.Failure(
-                description=f"invalid parameters: {exc}",
-                metadata={"params_file": self.params_file or f"${PARAMS_ENV_VAR} or ./params.yaml"},
-            ) from exc
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: ParamsError) -> dg.Failure:
+        return dg.Failure(
+            description=f"invalid parameters: {exc}",
+            metadata={"params_file": self.params_file or f"${PARAMS_ENV_VAR} or ./params.yaml"},
+        )
 
     @property
     def values(self) -> Params:

@@ -8,7 +8,7 @@ from sklearn.preprocessing import StandardScaler
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.pipeline.metadata import table
 from wine_assets.pipeline.resources import WineParamsResource
-from wine_assets.training import feature_importances, train_model
+from wine_assets.training import ClusterUnavailable, feature_importances, train_model
 from wine_assets.validation import FEATURE_COLUMNS
 
 
@@ -25,11 +25,14 @@ def wine_model(
     context: dg.AssetExecutionContext, train_set: pd.DataFrame, scaler: StandardScaler, params: WineParamsResource
 ) -> dg.Output[RandomForestClassifier]:
     values = params.values
-    result = train_model(train_set, scaler, values.model)
+    try:
+        result = train_model(train_set, scaler, values.model)
+    except ClusterUnavailable as exc:
+        raise dg.Failure(description=str(exc), metadata={"dask_scheduler": values.model.dask_scheduler}) from exc
     content = joblib_bytes(result.model)
     path = values.artifacts_dir / "model.joblib"
     write_bytes_atomic(path, content)
-    context.log.info("trained in %.3f s; model written to %s", result.seconds, path)
+    context.log.info("trained in %.3f s (%s); model written to %s", result.seconds, result.backend, path)
     top = feature_importances(result.model, FEATURE_COLUMNS)[:5]
     sha256 = sha256_bytes(content)
     # The data version is the file's hash: evaluation_metrics records which model bytes it scored,
@@ -40,6 +43,7 @@ def wine_model(
         metadata={
             "hyperparameters": values.model.model_dump(),
             "training_seconds": float(result.seconds),
+            "training_backend": result.backend,
             "train_rows": len(train_set),
             "top_features": table(
                 [{"feature": name, "importance": value} for name, value in top],

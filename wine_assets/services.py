@@ -1,0 +1,557 @@
+"""Local servers for scaling out: PostgreSQL, Redis and a Dask cluster on 127.0.0.1.
+
+``make services`` (``wine-assets services up``) starts each on a free port, waits until it
+answers, records the process ids in ``<state dir>/state.json`` and writes the addresses to
+``.services.env`` as shell assignments. ``make services-down`` stops exactly the recorded
+processes (checked by their start time, so a recycled process id is never signalled). Both are
+idempotent. The test fixtures start and stop the servers through these same functions.
+
+These are development servers: PostgreSQL runs with ``fsync=off``, Redis keeps nothing on disk.
+The PostgreSQL password is made up at first start and lives only in the git-ignored env file
+(mode 0600) and the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path(".services")
+DEFAULT_ENV_FILE = Path(".services.env")
+PG_USER = "wine_assets"
+PG_DB = "dagster"
+DASK_WORKERS = 2
+ENV_NAMES = (
+    "DAGSTER_PG_HOST",
+    "DAGSTER_PG_PORT",
+    "DAGSTER_PG_USER",
+    "DAGSTER_PG_PASSWORD",
+    "DAGSTER_PG_DB",
+    "WINE_ASSETS_CELERY_BROKER",
+    "WINE_ASSETS_CELERY_BACKEND",
+    "WINE_ASSETS_DASK_SCHEDULER",
+)
+HOST = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A server that could not be started or found; the message says which and where its log is."""
+
+
+# -- processes: started in their own session, identified by pid and start time --
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    pid: int
+    started: str
+    log: str
+    stop_signal: int = signal.SIGTERM
+
+    def alive(self) -> bool:
+        return _start_time(self.pid) == self.started
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Signal the process group (the server and its children), then kill what is left."""
+        if not self.alive():
+            return
+        _signal_group(self.pid, self.stop_signal)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _reap(self.pid)
+            if not self.alive() and not _group_alive(self.pid):
+                return
+            time.sleep(0.1)
+        log.warning("%s (pid %d) did not stop in %.0f s: killing its process group", self.name, self.pid, timeout)
+        _signal_group(self.pid, signal.SIGKILL)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if this process started the server (else it is init's to reap)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    user: str | None = None,
+    stop_signal=signal.SIGTERM,
+    env: dict[str, str] | None = None,
+) -> Process:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user=user,
+            env=env,
+            cwd=log_path.parent,
+        )
+    started = None
+    for _ in range(50):
+        started = _start_time(proc.pid)
+        if started:
+            break
+        time.sleep(0.01)
+    if started is None:
+        raise ServiceError(f"{name} exited at once; see {log_path}")
+    # Popen's handle is dropped on purpose: the server outlives this process. It is stopped by
+    # pid and start time from the state file (and reaped by init once this process has exited).
+    return Process(name, proc.pid, started, str(log_path), int(stop_signal))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _wait(name: str, process: Process, ready, timeout: float) -> None:
+    """Poll ready() until it is true; fail early, with the log's tail, if the process died."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise ServiceError(f"{name} exited while starting:\n{_tail(process.log)}")
+        try:
+            if ready():
+                return
+        except Exception as exc:  # noqa: BLE001 - not ready yet; the last error is reported on timeout
+            last_error = exc
+        time.sleep(0.2)
+    raise ServiceError(
+        f"{name} did not answer within {timeout:.0f} s ({last_error}); log {process.log}:\n{_tail(process.log)}"
+    )
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- PostgreSQL --
+def _pg_bin(program: str) -> str:
+    """A PostgreSQL server program: Debian keeps them in /usr/lib/postgresql/<major>/bin, off PATH."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"), key=lambda p: int(p.parts[-3]))
+    if candidates:
+        return str(candidates[-1])
+    found = shutil.which(program)
+    if found:
+        return found
+    raise ServiceError(f"PostgreSQL's {program} was not found: install the server (apt-get install postgresql)")
+
+
+def _server_user() -> str | None:
+    """initdb and postgres refuse to run as root: as root they run as the 'postgres' user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        import pwd
+
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise ServiceError("running as root, and there is no 'postgres' user to run PostgreSQL as") from None
+    return "postgres"
+
+
+def _reachable_by(user: str | None, path: Path) -> bool:
+    if user is None:
+        return True
+    return subprocess.run(["test", "-w", str(path), "-a", "-x", str(path)], user=user, check=False).returncode == 0
+
+
+def _pg_dirs(state_dir: Path, user: str | None) -> Path:
+    """The folder for the cluster: under the state dir, unless the server's user cannot reach it
+    (a project under /root, say); then a private folder under the system's temp dir."""
+    wanted = state_dir / "postgres"
+    wanted.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        shutil.chown(wanted, user, user)
+    if _reachable_by(user, wanted):
+        return wanted
+    fallback = Path(tempfile.gettempdir()) / f"wine-assets-postgres-{abs(hash(str(state_dir.resolve()))) % 10**8}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    shutil.chown(fallback, user, user)  # type: ignore[arg-type]
+    log.warning("the '%s' user cannot reach %s: the cluster lives in %s", user, wanted, fallback)
+    return fallback
+
+
+def _pg_connect(host: str, port: int, password: str, dbname: str):
+    import psycopg2
+
+    return psycopg2.connect(host=host, port=port, user=PG_USER, password=password, dbname=dbname, connect_timeout=3)
+
+
+def start_postgres(state_dir: Path, timeout: float) -> tuple[Process, dict[str, str]]:
+    user = _server_user()
+    root = _pg_dirs(state_dir, user)
+    data = root / "data"
+    secret_file = state_dir / "postgres.password"
+    if not (data / "PG_VERSION").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        password = secrets.token_urlsafe(24)
+        pwfile = root / "initdb.pw"
+        pwfile.write_text(password + "\n")
+        pwfile.chmod(0o600)
+        if user is not None:
+            shutil.chown(pwfile, user, user)
+        try:
+            done = subprocess.run(
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    PG_USER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth",
+                    "scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--no-sync",
+                ],
+                user=user,
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=root,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if done.returncode != 0:
+            raise ServiceError(f"initdb failed for {data}:\n{done.stderr.strip()}")
+        _write_private(secret_file, password)
+    if not secret_file.exists():
+        raise ServiceError(
+            f"{data} exists but its password file {secret_file} is gone: `make services-down` "
+            f"and remove {data} to start afresh"
+        )
+    password = secret_file.read_text().strip()
+    port = free_port()
+    sockets = root / "sockets"
+    sockets.mkdir(exist_ok=True)
+    if user is not None:
+        shutil.chown(sockets, user, user)
+    process = _spawn(
+        "postgres",
+        [
+            _pg_bin("postgres"),
+            "-D",
+            str(data),
+            "-h",
+            HOST,
+            "-p",
+            str(port),
+            "-k",
+            str(sockets),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ],
+        state_dir / "postgres.log",
+        user=user,
+        stop_signal=signal.SIGINT,  # SIGINT: PostgreSQL's fast shutdown
+    )
+
+    def ready() -> bool:
+        _pg_connect(HOST, port, password, "postgres").close()
+        return True
+
+    _wait(f"PostgreSQL on {HOST}:{port}", process, ready, timeout)
+    create_database(HOST, port, password, PG_DB)
+    env = {
+        "DAGSTER_PG_HOST": HOST,
+        "DAGSTER_PG_PORT": str(port),
+        "DAGSTER_PG_USER": PG_USER,
+        "DAGSTER_PG_PASSWORD": password,
+        "DAGSTER_PG_DB": PG_DB,
+    }
+    return process, env
+
+
+def create_database(host: str, port: int, password: str, name: str) -> None:
+    """CREATE DATABASE name, unless it exists (a test gives each Dagster instance its own)."""
+    connection = _pg_connect(host, port, password, "postgres")
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()
+
+
+# -- Redis --
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=2) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+def start_redis(state_dir: Path, timeout: float) -> tuple[Process, dict[str, str]]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise ServiceError("redis-server was not found: install it (apt-get install redis-server)")
+    port = free_port()
+    folder = state_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    process = _spawn(
+        "redis",
+        [
+            server,
+            "--bind",
+            HOST,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
+        state_dir / "redis.log",
+    )
+    _wait(f"Redis on {HOST}:{port}", process, lambda: _redis_ping(port), timeout)
+    # Database 0 carries the Celery queue, 1 the results: a flush of one leaves the other.
+    return process, {
+        "WINE_ASSETS_CELERY_BROKER": f"redis://{HOST}:{port}/0",
+        "WINE_ASSETS_CELERY_BACKEND": f"redis://{HOST}:{port}/1",
+    }
+
+
+# -- Dask --
+def start_dask(state_dir: Path, timeout: float) -> tuple[list[Process], dict[str, str]]:
+    port = free_port()
+    address = f"tcp://{HOST}:{port}"
+    python = sys.executable
+    scheduler = _spawn(
+        "dask-scheduler",
+        [python, "-m", "distributed.cli.dask_scheduler", "--host", HOST, "--port", str(port), "--no-dashboard"],
+        state_dir / "dask-scheduler.log",
+    )
+    _wait(f"the Dask scheduler at {address}", scheduler, lambda: _redis_like_open(port), timeout)
+    workers = [
+        _spawn(
+            f"dask-worker-{index}",
+            [
+                python,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--host",
+                HOST,
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--name",
+                f"wine-assets-{index}",
+                "--local-directory",
+                str(state_dir / "dask"),
+            ],
+            state_dir / f"dask-worker-{index}.log",
+        )
+        for index in range(1, DASK_WORKERS + 1)
+    ]
+
+    def all_workers() -> bool:
+        from distributed import Client
+
+        with Client(address, timeout=5) as client:
+            client.wait_for_workers(DASK_WORKERS, timeout=5)
+        return True
+
+    _wait(f"{DASK_WORKERS} Dask workers at {address}", workers[0], all_workers, timeout)
+    return [scheduler, *workers], {"WINE_ASSETS_DASK_SCHEDULER": address}
+
+
+def _redis_like_open(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=2):
+        return True
+
+
+# -- the state file and the env file --
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def env_file_text(env: dict[str, str]) -> str:
+    lines = ["# Written by `make services` (wine_assets.services); `make services-down` removes it."]
+    lines += [f"{name}={shlex.quote(env[name])}" for name in ENV_NAMES]
+    return "\n".join(lines) + "\n"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The assignments of an env file written by up(), as a mapping."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def _load_state(state_dir: Path) -> dict:
+    path = state_dir / "state.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _processes(state: dict) -> list[Process]:
+    return [Process(**item) for item in state.get("processes", [])]
+
+
+def up(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE, timeout: float = 60.0) -> dict[str, str]:
+    """Start the servers (or keep the ones already running), wait for each, write the env file."""
+    state_dir = state_dir.resolve()
+    state = _load_state(state_dir)
+    running = _processes(state)
+    if running and all(process.alive() for process in running) and env_file.exists():
+        log.info("services already running (%s)", ", ".join(f"{p.name} {p.pid}" for p in running))
+        return state["env"]
+    down(state_dir, env_file)  # whatever is half up goes first
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started: list[Process] = []
+    env: dict[str, str] = {}
+    try:
+        for starter in (start_postgres, start_redis):
+            process, values = starter(state_dir, timeout)
+            started.append(process)
+            env.update(values)
+        processes, values = start_dask(state_dir, timeout)
+        started.extend(processes)
+        env.update(values)
+    except BaseException:
+        for process in reversed(started):
+            process.stop()
+        raise
+    _write_private(
+        state_dir / "state.json", json.dumps({"env": env, "processes": [vars(p) for p in started]}, indent=2)
+    )
+    _write_private(env_file, env_file_text(env))
+    return env
+
+
+def down(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> list[str]:
+    """Stop exactly the processes up() recorded; remove the env file. Returns what was stopped."""
+    state_dir = state_dir.resolve()
+    stopped = []
+    for process in reversed(_processes(_load_state(state_dir))):
+        if process.alive():
+            process.stop()
+            stopped.append(f"{process.name} (pid {process.pid})")
+    (state_dir / "state.json").unlink(missing_ok=True)
+    env_file.unlink(missing_ok=True)
+    return stopped
+
+
+def status(state_dir: Path = DEFAULT_STATE_DIR) -> list[tuple[str, int, bool]]:
+    return [(p.name, p.pid, p.alive()) for p in _processes(_load_state(state_dir.resolve()))]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or list the servers")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .services")
+    parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="default: .services.env")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server (default 60)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `wine-assets services` command: 0 on success, 1 with a message on stderr otherwise."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.action == "up":
+            env = up(args.state_dir, args.env_file, args.timeout)
+            print(f"services up; addresses in {args.env_file}:")
+            for name in ENV_NAMES:
+                print(f"  {name}={'***' if 'PASSWORD' in name else env[name]}")
+        elif args.action == "down":
+            stopped = down(args.state_dir, args.env_file)
+            print("stopped " + ", ".join(stopped) if stopped else "no services were running")
+        else:
+            rows = status(args.state_dir)
+            if not rows:
+                print("no services recorded")
+            for name, pid, alive in rows:
+                print(f"{name:16} pid {pid:<8} {'running' if alive else 'stopped'}")
+            return 0 if rows and all(alive for _, _, alive in rows) else 1
+    except ServiceError as exc:
+        print(f"wine-assets: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m wine_assets.services", description=__doc__.split("\n\n")[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
