@@ -11,7 +11,8 @@ PORT ?= 3000
 # Scaling out (README "Scaling out"): INSTANCE=postgres keeps run history in the PostgreSQL of
 # `make services` (a DAGSTER_HOME of its own, with deploy/dagster-postgres.yaml); EXECUTOR=celery
 # runs every step on `make worker`. Both read .services.env.
-SERVICES_ENV := .services.env
+SERVICES_DIR ?= .services
+SERVICES_ENV ?= .services.env
 INSTANCE ?= sqlite
 EXECUTOR ?= in_process
 ifeq ($(INSTANCE),postgres)
@@ -121,10 +122,10 @@ dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT) (dg de
 	$(WITH_SERVICES) VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h $(HOST) -p $(PORT)
 
 services: $(STAMP) ## start PostgreSQL, Redis and a Dask cluster on 127.0.0.1 (free ports) -> .services.env
-	$(BIN)/wine-assets services up --env-file $(SERVICES_ENV)
+	$(BIN)/wine-assets services up --state-dir $(SERVICES_DIR) --env-file $(SERVICES_ENV)
 
 services-down: $(STAMP) ## stop exactly the servers `make services` started
-	$(BIN)/wine-assets services down --env-file $(SERVICES_ENV)
+	$(BIN)/wine-assets services down --state-dir $(SERVICES_DIR) --env-file $(SERVICES_ENV)
 
 # A Celery worker in the foreground; WORKER_CONCURRENCY processes (default: one per core).
 worker: $(STAMP) ## a Celery worker for EXECUTOR=celery runs (needs make services)
@@ -137,5 +138,5 @@ clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 clean-all: clean ## also stop the services; remove the registry, the Dagster instances, .services, .venv and .tools
-	if [ -x $(BIN)/wine-assets ]; then $(BIN)/wine-assets services down --env-file $(SERVICES_ENV); fi
-	rm -rf registry .dagster_home .dagster_home_postgres .services $(VENV) .tools
+	if [ -x $(BIN)/wine-assets ]; then $(BIN)/wine-assets services purge --state-dir $(SERVICES_DIR) --env-file $(SERVICES_ENV); fi
+	rm -rf registry .dagster_home .dagster_home_postgres $(SERVICES_DIR) $(VENV) .tools

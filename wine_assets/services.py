@@ -14,6 +14,7 @@ The PostgreSQL password is made up at first start and lives only in the git-igno
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -221,11 +222,23 @@ def _pg_dirs(state_dir: Path, user: str | None) -> Path:
         shutil.chown(wanted, user, user)
     if _reachable_by(user, wanted):
         return wanted
-    fallback = Path(tempfile.gettempdir()) / f"wine-assets-postgres-{abs(hash(str(state_dir.resolve()))) % 10**8}"
+    fallback = _fallback_dir(state_dir)
     fallback.mkdir(mode=0o700, exist_ok=True)
     shutil.chown(fallback, user, user)  # type: ignore[arg-type]
     log.warning("the '%s' user cannot reach %s: the cluster lives in %s", user, wanted, fallback)
     return fallback
+
+
+def _fallback_dir(state_dir: Path) -> Path:
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"wine-assets-postgres-{digest}"
+
+
+def purge(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> None:
+    """down(), then delete the servers' data (the PostgreSQL cluster included)."""
+    down(state_dir, env_file)
+    shutil.rmtree(_fallback_dir(state_dir), ignore_errors=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _pg_connect(host: str, port: int, password: str, dbname: str):
@@ -471,14 +484,21 @@ def _processes(state: dict) -> list[Process]:
     return [Process(**item) for item in state.get("processes", [])]
 
 
+def running(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> dict[str, str] | None:
+    """The env of the servers up() started, if every one of them is still running; else None."""
+    state = _load_state(state_dir.resolve())
+    processes = _processes(state)
+    if processes and all(process.alive() for process in processes) and env_file.exists():
+        return state["env"]
+    return None
+
+
 def up(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE, timeout: float = 60.0) -> dict[str, str]:
     """Start the servers (or keep the ones already running), wait for each, write the env file."""
     state_dir = state_dir.resolve()
-    state = _load_state(state_dir)
-    running = _processes(state)
-    if running and all(process.alive() for process in running) and env_file.exists():
-        log.info("services already running (%s)", ", ".join(f"{p.name} {p.pid}" for p in running))
-        return state["env"]
+    already = running(state_dir, env_file)
+    if already is not None:
+        return already
     down(state_dir, env_file)  # whatever is half up goes first
     state_dir.mkdir(parents=True, exist_ok=True)
     started: list[Process] = []
@@ -520,7 +540,9 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> list[tuple[str, int, bool]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or list the servers")
+    parser.add_argument(
+        "action", choices=("up", "down", "status", "purge"), help="start, stop, list, or stop and delete their data"
+    )
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .services")
     parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="default: .services.env")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server (default 60)")
@@ -531,13 +553,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.action == "up":
+            already = running(args.state_dir, args.env_file) is not None
             env = up(args.state_dir, args.env_file, args.timeout)
-            print(f"services up; addresses in {args.env_file}:")
+            print(f"services {'already running' if already else 'up'}; addresses in {args.env_file}:")
             for name in ENV_NAMES:
                 print(f"  {name}={'***' if 'PASSWORD' in name else env[name]}")
         elif args.action == "down":
             stopped = down(args.state_dir, args.env_file)
             print("stopped " + ", ".join(stopped) if stopped else "no services were running")
+        elif args.action == "purge":
+            purge(args.state_dir, args.env_file)
+            print(f"services stopped; {args.state_dir} and the PostgreSQL cluster deleted")
         else:
             rows = status(args.state_dir)
             if not rows:

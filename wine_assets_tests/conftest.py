@@ -194,14 +194,16 @@ def pytest_configure(config: pytest.Config) -> None:
     """The controlling pytest process (not an xdist worker) owns one folder for the servers that
     every worker shares; it stops them in pytest_unconfigure, after the last worker is done."""
     if not hasattr(config, "workerinput") and SERVICES_DIR_ENV not in os.environ:
-        os.environ[SERVICES_DIR_ENV] = tempfile.mkdtemp(prefix="wine-assets-services-")
+        root = tempfile.mkdtemp(prefix="wine-assets-services-")
+        os.chmod(root, 0o755)  # as root, PostgreSQL runs as the postgres user, who must reach its folder
+        os.environ[SERVICES_DIR_ENV] = root
         config.stash[_SERVICES_OWNER] = os.environ[SERVICES_DIR_ENV]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     root = config.stash.get(_SERVICES_OWNER, None)
     if root:
-        services.down(Path(root) / "state", Path(root) / "services.env")
+        services.purge(Path(root) / "state", Path(root) / "services.env")
         shutil.rmtree(root, ignore_errors=True)
         os.environ.pop(SERVICES_DIR_ENV, None)
 

@@ -6,8 +6,6 @@ and a new version must appear in the registry; all observed through the webserve
 """
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from wine_assets import services
 from wine_assets.registry import ModelRegistry
 
-from .conftest import REPO_ROOT, cli_env
+from .conftest import REPO_ROOT, cli_env, make_postgres_home, stop_group, xdist_index
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -44,28 +43,25 @@ def graphql(port: int, query: str) -> dict:
         return json.load(response)
 
 
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop dagster dev and everything it started (webserver, daemon, code server, runs)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            # The leader is gone; make sure no member of its group outlives it.
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def test_new_csv_trains_and_releases_through_the_sensors(tmp_path, dagster_home, write_params, write_csv):
+@pytest.mark.parametrize("instance", ["sqlite", "postgres"])
+def test_new_csv_trains_and_releases_through_the_sensors(instance, request, tmp_path, write_params, write_csv):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     params_file = write_params(data={"watch_dir": "incoming"})
-    env = cli_env(dagster_home, params_file)
+    if instance == "postgres":  # deploy/dagster-postgres.yaml, a database of this test's own
+        scaleout_env = request.getfixturevalue("scaleout_env")
+        database = f"wine_assets_dev_gw{xdist_index()}"  # an empty run history: the runs below are all
+        services.create_database(
+            scaleout_env["DAGSTER_PG_HOST"],
+            int(scaleout_env["DAGSTER_PG_PORT"]),
+            scaleout_env["DAGSTER_PG_PASSWORD"],
+            database,
+        )
+        dagster_home = make_postgres_home(tmp_path / "dagster_home")
+        env = {**cli_env(dagster_home, params_file), **scaleout_env, "DAGSTER_PG_DB": database}
+    else:
+        dagster_home = request.getfixturevalue("dagster_home")
+        env = cli_env(dagster_home, params_file)
     env.update(WINE_ASSETS_SENSORS="running", WINE_ASSETS_SENSOR_INTERVAL="3", VIRTUAL_ENV=str(BIN.parent))
     port = free_port()
     log_path = tmp_path / "dagster_dev.log"
