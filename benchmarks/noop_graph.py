@@ -1,19 +1,20 @@
 """A chain of assets that do nothing, to measure what Dagster itself costs per step.
 
-WINE_BENCH_STEPS sets the chain's length (default 1). Run with the same executor and
-instance settings as the real graph: in-process, values pickled by the default IO manager.
+Two chains, of 1 and of 21 steps (groups chain_1 and chain_21). Run with the same executor and
+instance settings as the real graph: the project's executor (in-process unless the run config
+picks multiprocess or celery), values pickled by the default IO manager.
 """
 
-import os
-
 import dagster as dg
+
+from wine_assets.pipeline.executor import wine_assets_executor
 
 
 def chain(length: int) -> list[dg.AssetsDefinition]:
     assets: list[dg.AssetsDefinition] = []
     for index in range(length):
 
-        @dg.asset(name=f"noop_{index}", deps=assets[-1:])
+        @dg.asset(name=f"noop_{length}_{index}", deps=assets[-1:], group_name=f"chain_{length}")
         def noop() -> None:
             return None
 
@@ -21,4 +22,6 @@ def chain(length: int) -> list[dg.AssetsDefinition]:
     return assets
 
 
-defs = dg.Definitions(assets=chain(int(os.environ.get("WINE_BENCH_STEPS", "1"))), executor=dg.in_process_executor)
+# Both chains are always defined (a Celery worker loads the same definitions as the launcher);
+# a run selects one with --select group:chain_1 or group:chain_21.
+defs = dg.Definitions(assets=[*chain(1), *chain(21)], executor=wine_assets_executor)

@@ -101,7 +101,7 @@ def run(command: Sequence[str], workspace: Workspace, extra_env: dict[str, str] 
     )
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"{shlex.join(command)} failed in {workspace.root}:\n{completed.stderr[-3000:]}")
     return elapsed, completed
 
 
@@ -271,8 +271,8 @@ def overhead(tmp: Path, runs: int, multiprocess_runs: int, noop_runs: int) -> tu
     for index in range(noop_runs):
         for steps in (1, 21):
             workspace = Workspace(tmp / f"noop-{steps}-{index}")
-            command = [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "noop_graph.py"), "--select", "*"]
-            noop[steps].append(run(command, workspace, {"WINE_BENCH_STEPS": str(steps)})[0])
+            command = [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "noop_graph.py")]
+            noop[steps].append(run([*command, "--select", f"group:chain_{steps}"], workspace)[0])
 
     bare, cli = median(times["bare"]), median(times["cli"])
     per_step = (median(noop[21]) - median(noop[1])) / 20
@@ -505,6 +505,174 @@ def scale(tmp: Path, sizes: Sequence[int], n_jobs: int) -> list[str]:
     ]
 
 
+# -- 4. scale-out -------------------------------------------------------------------------------
+SCALEOUT_HEADING = "## 4. Scale-out: instance storage, executors, training on a cluster"
+EXECUTOR_CONFIGS = {
+    "in_process": None,
+    "multiprocess": "execution:\n  config:\n    multiprocess: {}\n",
+    "celery": (HERE.parent / "deploy" / "run-celery.yaml").read_text(),
+}
+NOOP = [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "noop_graph.py"), "--select"]
+
+
+def _start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`make worker`'s command (two processes), ready when its log says so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "wine_assets.pipeline.celery_app",
+                "worker",
+                "-Q",
+                "dagster",
+                "--prefetch-multiplier=1",
+                "--loglevel=INFO",
+                "--concurrency=2",
+            ],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while " ready." not in log.read_text(errors="replace"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Celery worker did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.3)
+    return worker
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _training_times(rows: int, address: str, runs: int) -> dict[str, list[float]]:
+    from sklearn.preprocessing import StandardScaler
+
+    from wine_assets.features import features_of
+    from wine_assets.params import ModelParams
+    from wine_assets.training import train_model
+
+    frame = synthetic_frame(rows, seed=rows)
+    scaler = StandardScaler().fit(features_of(frame))
+    ways = {
+        "local, n_jobs 1": ModelParams(n_jobs=1),
+        "local, n_jobs -1": ModelParams(n_jobs=-1),
+        "Dask cluster (2 workers x 1 thread)": ModelParams(dask_scheduler=address),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(runs):
+        for name, model_params in ways.items():
+            times[name].append(train_model(frame, scaler, model_params).seconds)
+    return times
+
+
+def scaleout(tmp: Path, runs: int, noop_runs: int, multiprocess_runs: int, train_sizes: Sequence[int]) -> list[str]:
+    """Each executor on SQLite and on PostgreSQL, against the servers of `make services`."""
+    from wine_assets import services
+
+    state, env_file = tmp / "services", tmp / "services.env"
+    # A database of its own, so run history starts empty. A worker resolves the instance's
+    # {env: ...} settings itself, so it gets the same DAGSTER_PG_DB as the launchers.
+    server_env = {**services.up(state, env_file, timeout=120), "DAGSTER_PG_DB": "wine_bench"}
+    services.create_database(
+        "127.0.0.1", int(server_env["DAGSTER_PG_PORT"]), server_env["DAGSTER_PG_PASSWORD"], "wine_bench"
+    )
+    base_env = {**os.environ, **server_env, "PYTHONWARNINGS": "ignore"}
+    whole: dict[tuple[str, str], list[float]] = {}
+    noop: dict[tuple[str, str, int], list[float]] = {}
+    worker = None
+    try:
+        for instance in ("sqlite", "postgres"):
+            # A worker per instance, as in a deployment: each serves the instance its launchers use.
+            if worker is not None:
+                _stop_group(worker)
+            worker = _start_worker(tmp / f"celery-worker-{instance}", base_env)
+            for executor, config_text in EXECUTOR_CONFIGS.items():
+                extra = ["-c", str(tmp / f"{executor}.yaml")] if config_text else []
+                if config_text:
+                    (tmp / f"{executor}.yaml").write_text(config_text)
+                repeat = multiprocess_runs if executor == "multiprocess" else runs
+                for index in range(repeat):
+                    for kind in ("graph", 1, 21):
+                        workspace = Workspace(tmp / f"so-{instance}-{executor}-{kind}-{index}")
+                        env = dict(server_env)
+                        if instance == "postgres":
+                            shutil.copy(
+                                HERE.parent / "deploy" / "dagster-postgres.yaml", workspace.home / "dagster.yaml"
+                            )
+                        if kind == "graph":
+                            elapsed, _ = run([*CLI, *extra], workspace, env)
+                            whole.setdefault((instance, executor), []).append(elapsed)
+                        elif index < noop_runs:
+                            elapsed, _ = run([*NOOP, f"group:chain_{kind}", *extra], workspace, env)
+                            noop.setdefault((instance, executor, kind), []).append(elapsed)
+        training = {rows: _training_times(rows, server_env["WINE_ASSETS_DASK_SCHEDULER"], 1) for rows in train_sizes}
+    finally:
+        if worker is not None:
+            _stop_group(worker)
+        services.purge(state, env_file)
+
+    baseline = median(whole[("sqlite", "in_process")])
+    lines = [
+        SCALEOUT_HEADING,
+        "",
+        "The whole graph (`dagster asset materialize -m wine_assets --select '*'`, with `-c` for the executor) "
+        "and chains of 1 and 21 no-op assets (`benchmarks/noop_graph.py`, the project's executor), each on "
+        "the SQLite instance and on PostgreSQL (`deploy/dagster-postgres.yaml`), with the servers of "
+        "`make services` and one Celery worker of two processes (`make worker`'s command) on this machine. "
+        f"Runs per cell: {runs} for the graph ({multiprocess_runs} for multiprocess), {noop_runs} for the chains.",
+        "",
+        "| instance | executor | whole graph | x in-process SQLite | per step (no-op chains) | fixed (1-step chain) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (instance, executor), values in whole.items():
+        one, many = median(noop[(instance, executor, 1)]), median(noop[(instance, executor, 21)])
+        lines.append(
+            f"| {instance} | {executor} | {fmt(median(values))} ({', '.join(f'{v:.1f}' for v in values)}) | "
+            f"{median(values) / baseline:.2f}x | {fmt((many - one) / 20)} | {fmt(one)} |"
+        )
+    lines += [
+        "",
+        "Training time of the forest alone (default model params, 100 trees; `train_model`, one run each; "
+        "the Dask cluster is `make services`'s scheduler and two single-thread workers on this 2-core "
+        "machine, so it shows the cost of shipping the work, not the speed of a real cluster):",
+        "",
+        "| rows | " + " | ".join(next(iter(training.values()))) + " |",
+        "|---|" + "---|" * len(next(iter(training.values()))),
+    ]
+    for rows, times in training.items():
+        lines.append(f"| {rows:,} | " + " | ".join(fmt(median(values)) for values in times.values()) + " |")
+    lines.append("")
+    return lines
+
+
+def replace_section(text: str, heading: str, lines: list[str]) -> str:
+    """The results file with one section (from its heading to the next '## ') replaced or appended."""
+    body = text.rstrip("\n").split("\n")
+    if heading in body:
+        start = body.index(heading)
+        end = next((i for i in range(start + 1, len(body)) if body[i].startswith("## ")), len(body))
+        body[start:end] = lines
+    else:
+        body += ["", *lines]
+    return "\n".join(body).rstrip() + "\n"
+
+
 # -- main --------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -524,7 +692,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--skip-setup", action="store_true", help="leave out section 0 (fresh clones; needs git, make and PyPI)"
     )
+    parser.add_argument(
+        "--only-scaleout",
+        action="store_true",
+        help="run only section 4 (needs PostgreSQL and Redis) and replace it in the existing --output file",
+    )
+    parser.add_argument(
+        "--skip-scaleout", action="store_true", help="leave out section 4 (servers: PostgreSQL, Redis, Dask, Celery)"
+    )
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.only_scaleout:
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
+            lines = scaleout(Path(scratch), 2, 2, 1, [10**5, 10**6])
+        lines[1:1] = [
+            "",
+            f"Measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+            f"in {(time.time() - started) / 60:.1f} minutes (the other sections by the run named above).",
+        ]
+        previous = args.output.read_text() if args.output.exists() else ""
+        args.output.write_text(replace_section(previous, SCALEOUT_HEADING, lines))
+        print(f"section 4 written to {args.output}")
+        return 0
     if args.smoke:
         # No multiprocess run: a process per step is a minute of imports that measures nothing
         # here, and test_cli runs the same command with the multiprocess executor.
@@ -536,7 +726,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         reps = {1: 300, 1000: 100, 100_000: 15}
         large_rows, large_runs = 10**5, 3
 
-    command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
         tmp = Path(scratch)
@@ -545,6 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead_lines += overhead_at_size(tmp, large_rows, large_runs)
         prediction_lines = prediction(released, tmp, cold_runs, reps)
         scale_lines = scale(tmp, sizes, args.n_jobs)
+        scaleout_lines = (
+            [SCALEOUT_HEADING, "", "Not run (`--smoke` or `--skip-scaleout`).", ""]
+            if args.smoke or args.skip_scaleout
+            else scaleout(tmp, 2, 2, 1, [10**5, 10**6])
+        )
     text = "\n".join(
         [
             "# Benchmark results",
@@ -562,6 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *overhead_lines,
             *prediction_lines,
             *scale_lines,
+            *scaleout_lines,
         ]
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
