@@ -138,8 +138,30 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
         assert all(alive for _, _, alive in rows)
 
         again = subprocess.run([*make, "services"], capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0 and "already running" in again.stderr + again.stdout
+        assert again.returncode == 0 and "already running" in again.stdout
         assert services.read_env_file(env_file) == env  # the same servers, the same ports
+
+        # make worker: a Celery worker on that broker, in the foreground, until it is stopped.
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as out:
+            worker = subprocess.Popen(
+                [*make, "worker", "WORKER_CONCURRENCY=1"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 90
+            while " ready." not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.3)
+            text = log.read_text(errors="replace")
+            assert " ready." in text, text[-3000:]
+            broker = env["WINE_ASSETS_CELERY_BROKER"].replace("redis://", "redis://:**@")  # as Celery prints it
+            assert f"transport:   {broker}" in text
+            assert "concurrency: 1 (prefork)" in text
+        finally:
+            stop_group(worker)
     finally:
         stopped = subprocess.run([*make, "services-down"], capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
