@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 
@@ -117,8 +118,13 @@ def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_pa
 def test_multiprocess_executor_is_selectable_by_run_config(cli_materialized, tmp_path):
     # One step (scaler, whose input train_set is stored in the copied instance): the executor's
     # choice is what is under test, and each step is a process that imports everything.
+    # The params file named (relatively) in the run config is what the run is tagged with.
+    (tmp_path / "other.yaml").write_text((tmp_path / "params.yaml").read_text())
     config = tmp_path / "multiprocess.yaml"
-    config.write_text("execution:\n  config:\n    multiprocess:\n      max_concurrent: 2\n")
+    config.write_text(
+        "execution:\n  config:\n    multiprocess:\n      max_concurrent: 2\n"
+        "resources:\n  params:\n    config:\n      params_file: other.yaml\n"
+    )
     env = cli_materialized.env
     completed = dagster(
         "asset", "materialize", "-m", "wine_assets", "--select", "scaler", "-c", str(config), env=env, cwd=tmp_path
@@ -127,6 +133,18 @@ def test_multiprocess_executor_is_selectable_by_run_config(cli_materialized, tmp
     assert "Executing steps using multiprocess executor" in completed.stderr
     assert "Executing steps in process" not in completed.stderr
     assert 'Launching subprocess for "scaler"' in completed.stderr
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        tags = instance.get_runs(limit=1)[0].tags
+    assert tags["wine_assets/params_file"] == str(tmp_path / "other.yaml")
+    assert tags["wine_assets/params_base_dir"] == str(tmp_path)
+
+
+def test_a_cli_run_is_tagged_with_the_absolute_params_file_it_was_launched_with(cli_materialized_once):
+    root = cli_materialized_once.root
+    with dg.DagsterInstance.from_config(str(root / "dagster_home")) as instance:
+        (run,) = instance.get_runs()
+    assert run.tags["wine_assets/params_file"] == str(root / "params.yaml")
+    assert run.tags["wine_assets/params_base_dir"] == str(root)
 
 
 def test_params_override_from_a_run_config_file(env, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 from dagster._core.execution.retries import RetryMode
+from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
 from wine_assets.params import LaunchParams, ParamsError
@@ -37,11 +38,16 @@ EXECUTOR_CONFIG = dg.Selector(
 _SEPARATE_PROCESSES = ("multiprocess", "celery")
 
 
-def launch_params_of(run_config: dict[str, Any]) -> LaunchParams:
-    """Resolve the run's params file in the launching process (the params resource's
-    ``params_file`` setting if the run config gives one, else $WINE_ASSETS_PARAMS or ./params.yaml)."""
-    resource = (run_config.get("resources") or {}).get("params") or {}
-    explicit = (resource.get("config") or {}).get("params_file")
+def launch_params_of(plan_context) -> LaunchParams:  # noqa: ANN001 - a PlanOrchestrationContext
+    """Resolve the run's params file in the launching process: the params resource's effective
+    ``params_file`` (from the run config, or the resource's own setting in the Definitions), else
+    $WINE_ASSETS_PARAMS, else ./params.yaml."""
+    # The orchestration context holds no resolved config: resolve the run config against the job,
+    # which fills in the resource's own defaults.
+    job = plan_context.reconstructable_job.get_definition()
+    resources = ResolvedRunConfig.build(job, plan_context.dagster_run.run_config).resources
+    resource = resources.get("params")
+    explicit = (resource.config or {}).get("params_file") if resource is not None else None
     return LaunchParams.resolve(explicit)
 
 
@@ -68,7 +74,7 @@ class LaunchParamsExecutor(dg.Executor):
         try:
             # A re-execution keeps the tags of its parent run, and so its params.
             if LaunchParams.from_tags(run.tags) is None:
-                plan_context.instance.add_run_tags(run.run_id, launch_params_of(run.run_config).to_tags())
+                plan_context.instance.add_run_tags(run.run_id, launch_params_of(plan_context).to_tags())
         except ParamsError as exc:
             raise dg.DagsterInvariantViolationError(f"invalid parameters: {exc}") from exc
         return self.inner.execute(plan_context, execution_plan)
