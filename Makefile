@@ -26,8 +26,10 @@ else ifneq ($(EXECUTOR),in_process)
 $(error EXECUTOR=$(EXECUTOR): use in_process (the default) or celery)
 endif
 # Sourced before a command when the instance or executor needs the servers' addresses.
+# `wine-assets services check` names the server that does not answer before Dagster tries it.
 WITH_SERVICES := $(if $(filter postgres,$(INSTANCE))$(filter celery,$(EXECUTOR)),\
-	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }; set -a; . ./$(SERVICES_ENV); set +a;)
+	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }; \
+	set -a; . $(abspath $(SERVICES_ENV)); set +a; $(BIN)/wine-assets services check &&)
 
 # uv installs exactly uv.lock. It is bootstrapped from the package registry into .tools/uv
 # (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).
@@ -130,7 +132,7 @@ services-down: $(STAMP) ## stop exactly the servers `make services` started
 # A Celery worker in the foreground; WORKER_CONCURRENCY processes (default: one per core).
 worker: $(STAMP) ## a Celery worker for EXECUTOR=celery runs (needs make services)
 	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }
-	set -a; . ./$(SERVICES_ENV); set +a; exec $(BIN)/celery -A wine_assets.pipeline.celery_app worker \
+	set -a; . $(abspath $(SERVICES_ENV)); set +a; exec $(BIN)/celery -A wine_assets.pipeline.celery_app worker \
 		-Q dagster --prefetch-multiplier=1 --loglevel=INFO $(if $(WORKER_CONCURRENCY),--concurrency=$(WORKER_CONCURRENCY))
 
 clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry and run history)

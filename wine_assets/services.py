@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -539,9 +539,52 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> list[tuple[str, int, bool]]:
     return [(p.name, p.pid, p.alive()) for p in _processes(_load_state(state_dir.resolve()))]
 
 
+def check(env: Mapping[str, str]) -> list[str]:
+    """Whether the servers named by the DAGSTER_PG_* and WINE_ASSETS_* variables in env answer:
+    a line per server that was checked. Raises ServiceError naming the first that does not."""
+    lines = []
+    if env.get("DAGSTER_PG_HOST"):
+        missing = [name for name in ENV_NAMES[:5] if not env.get(name)]
+        if missing:
+            raise ServiceError(f"{', '.join(missing)} not set (the PostgreSQL instance reads them)")
+        where = f"PostgreSQL database '{env['DAGSTER_PG_DB']}' at {env['DAGSTER_PG_HOST']}:{env['DAGSTER_PG_PORT']}"
+        import psycopg2
+
+        try:
+            psycopg2.connect(
+                host=env["DAGSTER_PG_HOST"],
+                port=int(env["DAGSTER_PG_PORT"]),
+                user=env["DAGSTER_PG_USER"],
+                password=env["DAGSTER_PG_PASSWORD"],
+                dbname=env["DAGSTER_PG_DB"],
+                connect_timeout=5,
+            ).close()
+        except (psycopg2.Error, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ServiceError(f"{where} does not answer: {first} (start it with make services)") from None
+        lines.append(f"{where} answers")
+    for name in ("WINE_ASSETS_CELERY_BROKER", "WINE_ASSETS_CELERY_BACKEND"):
+        url = env.get(name, "")
+        if url.startswith("redis://"):
+            host_port = url.removeprefix("redis://").split("@")[-1].split("/")[0]
+            host, _, port = host_port.partition(":")
+            try:
+                with socket.create_connection((host, int(port or 6379)), timeout=5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    answered = sock.recv(64)
+            except (OSError, ValueError) as exc:
+                raise ServiceError(
+                    f"Redis at {host_port} ({name}) does not answer: {exc} (start it with make services)"
+                ) from None
+            lines.append(f"Redis at {host_port} ({name}) answers {answered.decode(errors='replace').strip()}")
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "action", choices=("up", "down", "status", "purge"), help="start, stop, list, or stop and delete their data"
+        "action",
+        choices=("up", "down", "status", "purge", "check"),
+        help="start, stop, list, stop and delete their data, or check that the servers in the environment answer",
     )
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .services")
     parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="default: .services.env")
@@ -561,6 +604,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "down":
             stopped = down(args.state_dir, args.env_file)
             print("stopped " + ", ".join(stopped) if stopped else "no services were running")
+        elif args.action == "check":
+            for line in check(os.environ):
+                print(line)
         elif args.action == "purge":
             purge(args.state_dir, args.env_file)
             print(f"services stopped; {args.state_dir} and the PostgreSQL cluster deleted")

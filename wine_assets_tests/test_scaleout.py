@@ -220,6 +220,34 @@ def test_postgres_down_refuses_the_launch_naming_the_database_and_writes_nothing
     assert completed.returncode != 0
     assert f'connection to server at "127.0.0.1", port {env["DAGSTER_PG_PORT"]} failed' in completed.stderr
     assert not (tmp_path / "project" / "artifacts").exists() and not (tmp_path / "project" / "registry").exists()
+    # make run INSTANCE=postgres checks first, and names the database.
+    env_file = tmp_path / "services.env"
+    env_file.write_text(
+        services.env_file_text(
+            {**env, "WINE_ASSETS_CELERY_BROKER": "", "WINE_ASSETS_CELERY_BACKEND": "", "WINE_ASSETS_DASK_SCHEDULER": ""}
+        )
+    )
+    made = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO_ROOT),
+            "run",
+            "INSTANCE=postgres",
+            f"SERVICES_ENV={env_file}",
+            f"DAGSTER_HOME={tmp_path / 'make_home'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode != 0
+    assert (
+        f"PostgreSQL database 'dagster' at 127.0.0.1:{env['DAGSTER_PG_PORT']} does not answer: connection to server"
+        in made.stderr
+    )
+    assert "Traceback" not in made.stderr  # stopped by the check, before Dagster tried to connect
 
 
 def test_bad_storage_and_executor_config_are_refused_clearly(tmp_path, write_params):
