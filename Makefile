@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-DAGSTER_YAML := $(DAGSTER_HOME)/dagster.yaml
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
@@ -20,6 +19,8 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home_postgres
 else ifneq ($(INSTANCE),sqlite)
 $(error INSTANCE=$(INSTANCE): use sqlite (the default) or postgres)
 endif
+# After INSTANCE has chosen the home.
+DAGSTER_YAML = $(DAGSTER_HOME)/dagster.yaml
 ifeq ($(EXECUTOR),celery)
 RUN_CONFIG := -c deploy/run-celery.yaml
 else ifneq ($(EXECUTOR),in_process)
@@ -29,7 +30,8 @@ endif
 # `wine-assets services check` names the server that does not answer before Dagster tries it.
 WITH_SERVICES := $(if $(filter postgres,$(INSTANCE))$(filter celery,$(EXECUTOR)),\
 	@test -f $(SERVICES_ENV) || { echo "$(SERVICES_ENV) not found: run make services first" >&2; exit 1; }; \
-	set -a; . $(abspath $(SERVICES_ENV)); set +a; $(BIN)/wine-assets services check &&)
+	set -a; . $(abspath $(SERVICES_ENV)); set +a; \
+	$(BIN)/wine-assets services check $(if $(filter postgres,$(INSTANCE)),--postgres) $(if $(filter celery,$(EXECUTOR)),--celery) &&)
 
 # uv installs exactly uv.lock. It is bootstrapped from the package registry into .tools/uv
 # (nothing global); `make install UV=uv` uses one already on PATH instead (the workflows do).

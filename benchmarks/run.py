@@ -661,6 +661,14 @@ def scaleout(tmp: Path, runs: int, noop_runs: int, multiprocess_runs: int, train
     return lines
 
 
+def servers_missing() -> list[str]:
+    """Section 4 starts PostgreSQL and Redis from Debian's packages; what of them is not installed."""
+    missing = [] if shutil.which("redis-server") else ["redis-server"]
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) and not shutil.which("postgres"):
+        missing.append("postgresql")
+    return missing
+
+
 def replace_section(text: str, heading: str, lines: list[str]) -> str:
     """The results file with one section (from its heading to the next '## ') replaced or appended."""
     body = text.rstrip("\n").split("\n")
@@ -703,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     if args.only_scaleout:
+        if servers_missing():
+            parser.error(f"section 4 needs {', '.join(servers_missing())} (apt-get install postgresql redis-server)")
         started = time.time()
         with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
             lines = scaleout(Path(scratch), 2, 2, 1, [10**5, 10**6])
@@ -734,11 +744,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead_lines += overhead_at_size(tmp, large_rows, large_runs)
         prediction_lines = prediction(released, tmp, cold_runs, reps)
         scale_lines = scale(tmp, sizes, args.n_jobs)
-        scaleout_lines = (
-            [SCALEOUT_HEADING, "", "Not run (`--smoke` or `--skip-scaleout`).", ""]
-            if args.smoke or args.skip_scaleout
-            else scaleout(tmp, 2, 2, 1, [10**5, 10**6])
-        )
+        missing = servers_missing()
+        if args.smoke or args.skip_scaleout or missing:
+            why = f"{', '.join(missing)} not installed" if missing else "`--smoke` or `--skip-scaleout`"
+            scaleout_lines = [SCALEOUT_HEADING, "", f"Not run ({why}).", ""]
+        else:
+            scaleout_lines = scaleout(tmp, 2, 2, 1, [10**5, 10**6])
     text = "\n".join(
         [
             "# Benchmark results",

@@ -6,15 +6,16 @@ answers, records the process ids in ``<state dir>/state.json`` and writes the ad
 processes (checked by their start time, so a recycled process id is never signalled). Both are
 idempotent. The test fixtures start and stop the servers through these same functions.
 
-These are development servers: PostgreSQL runs with ``fsync=off``, Redis keeps nothing on disk.
-The PostgreSQL password is made up at first start and lives only in the git-ignored env file
-(mode 0600) and the cluster.
+These are development servers: PostgreSQL runs with ``fsync=off``, Redis keeps nothing on disk,
+and none of them asks local users for credentials but PostgreSQL. The PostgreSQL password is
+made up at first start and kept in the state dir and the env file (both git-ignored, mode 0600).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -78,18 +79,29 @@ class Process:
         return _start_time(self.pid) == self.started
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Signal the process group (the server and its children), then kill what is left."""
-        if not self.alive():
+        """Signal the process group (the server and its children), then kill what is left.
+
+        The group is signalled while its leader is the recorded process, or (leader gone) while
+        members of the group are left; a recycled process id with another start time is not ours.
+        """
+        if not self.alive() and not _group_members(self.pid):
             return
         _signal_group(self.pid, self.stop_signal)
+        if self._wait_gone(timeout):
+            return
+        log.warning("%s (pid %d) did not stop in %.0f s: killing its process group", self.name, self.pid, timeout)
+        _signal_group(self.pid, signal.SIGKILL)
+        if not self._wait_gone(10):
+            raise ServiceError(f"{self.name} (process group {self.pid}) is still running after SIGKILL")
+
+    def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _reap(self.pid)
-            if not self.alive() and not _group_alive(self.pid):
-                return
+            if not self.alive() and not _group_members(self.pid):
+                return True
             time.sleep(0.1)
-        log.warning("%s (pid %d) did not stop in %.0f s: killing its process group", self.name, self.pid, timeout)
-        _signal_group(self.pid, signal.SIGKILL)
+        return False
 
 
 def _reap(pid: int) -> None:
@@ -103,18 +115,25 @@ def _reap(pid: int) -> None:
 def _signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        pass
     except PermissionError:
-        return True
-    return True
+        raise ServiceError(
+            f"not allowed to signal process group {pgid}: stop the services as the user who started them"
+        ) from None
+
+
+def _group_members(pgid: int) -> set[int]:
+    """The processes of a process group that have not exited (zombies excluded), from /proc."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.add(int(stat.parent.name))
+    return members
 
 
 def _spawn(
@@ -135,6 +154,8 @@ def _spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             user=user,
+            group=user,
+            extra_groups=[] if user else None,
             env=env,
             cwd=log_path.parent,
         )
@@ -210,34 +231,50 @@ def _server_user() -> str | None:
 def _reachable_by(user: str | None, path: Path) -> bool:
     if user is None:
         return True
-    return subprocess.run(["test", "-w", str(path), "-a", "-x", str(path)], user=user, check=False).returncode == 0
+    probe = ["test", "-w", str(path), "-a", "-x", str(path)]
+    return subprocess.run(probe, user=user, group=user, extra_groups=[], check=False).returncode == 0
 
 
 def _pg_dirs(state_dir: Path, user: str | None) -> Path:
     """The folder for the cluster: under the state dir, unless the server's user cannot reach it
-    (a project under /root, say); then a private folder under the system's temp dir."""
+    (a project under /root, say); then a private folder made by mkdtemp under /var/tmp, whose
+    path is recorded in <state dir>/postgres.location so that the next start finds it."""
     wanted = state_dir / "postgres"
     wanted.mkdir(parents=True, exist_ok=True)
     if user is not None:
         shutil.chown(wanted, user, user)
     if _reachable_by(user, wanted):
         return wanted
-    fallback = _fallback_dir(state_dir)
-    fallback.mkdir(mode=0o700, exist_ok=True)
+    recorded = _fallback_dir(state_dir)
+    if recorded is not None:
+        return recorded
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
+    fallback = Path(tempfile.mkdtemp(prefix="wine-assets-postgres-", dir=base))
     shutil.chown(fallback, user, user)  # type: ignore[arg-type]
+    if not _reachable_by(user, fallback):
+        raise ServiceError(f"the '{user}' user can reach neither {wanted} nor {fallback}")
+    _write_private(state_dir / "postgres.location", str(fallback))
     log.warning("the '%s' user cannot reach %s: the cluster lives in %s", user, wanted, fallback)
     return fallback
 
 
-def _fallback_dir(state_dir: Path) -> Path:
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"wine-assets-postgres-{digest}"
+def _fallback_dir(state_dir: Path) -> Path | None:
+    """The recorded folder of a cluster outside the state dir, if it is still a real folder."""
+    location = state_dir / "postgres.location"
+    if not location.exists():
+        return None
+    path = Path(location.read_text().strip())
+    if path.is_symlink() or not path.is_dir():
+        return None
+    return path
 
 
 def purge(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> None:
     """down(), then delete the servers' data (the PostgreSQL cluster included)."""
     down(state_dir, env_file)
-    shutil.rmtree(_fallback_dir(state_dir), ignore_errors=True)
+    fallback = _fallback_dir(state_dir.resolve())
+    if fallback is not None:
+        shutil.rmtree(fallback, ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -278,6 +315,8 @@ def start_postgres(state_dir: Path, timeout: float) -> tuple[Process, dict[str, 
                     "--no-sync",
                 ],
                 user=user,
+                group=user,
+                extra_groups=[] if user else None,
                 capture_output=True,
                 text=True,
                 check=False,
@@ -355,8 +394,8 @@ def create_database(host: str, port: int, password: str, name: str) -> None:
 
 
 # -- Redis --
-def _redis_ping(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=2) as sock:
+def _redis_ping(port: int, host: str = HOST) -> bool:
+    with socket.create_connection((host, port), timeout=2) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(64).startswith(b"+PONG")
 
@@ -382,6 +421,8 @@ def start_redis(state_dir: Path, timeout: float) -> tuple[Process, dict[str, str
             "no",
             "--dir",
             str(folder),
+            "--databases",
+            "256",
             "--daemonize",
             "no",
             "--protected-mode",
@@ -493,41 +534,71 @@ def running(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FI
     return None
 
 
+@contextlib.contextmanager
+def _locked(state_dir: Path):
+    """One up() or down() at a time per state dir (two `make services` at once start one set)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _start_with_retry(starter, state_dir: Path, timeout: float, attempts: int = 3):  # noqa: ANN001, ANN202
+    """A free port is only free until someone else binds it: a server that could not start is
+    tried again on another port."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return starter(state_dir, timeout)
+        except ServiceError as exc:
+            if attempt == attempts or "not found" in str(exc):
+                raise
+            log.warning("%s; trying again on another port", str(exc).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
 def up(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE, timeout: float = 60.0) -> dict[str, str]:
     """Start the servers (or keep the ones already running), wait for each, write the env file."""
     state_dir = state_dir.resolve()
-    already = running(state_dir, env_file)
-    if already is not None:
-        return already
-    down(state_dir, env_file)  # whatever is half up goes first
-    state_dir.mkdir(parents=True, exist_ok=True)
-    started: list[Process] = []
-    env: dict[str, str] = {}
-    try:
-        for starter in (start_postgres, start_redis):
-            process, values = starter(state_dir, timeout)
-            started.append(process)
+    with _locked(state_dir):
+        already = running(state_dir, env_file)
+        if already is not None:
+            return already
+        _down(state_dir, env_file)  # whatever is half up goes first
+        started: list[Process] = []
+        env: dict[str, str] = {}
+        try:
+            for starter in (start_postgres, start_redis):
+                process, values = _start_with_retry(starter, state_dir, timeout)
+                started.append(process)
+                env.update(values)
+            processes, values = _start_with_retry(start_dask, state_dir, timeout)
+            started.extend(processes)
             env.update(values)
-        processes, values = start_dask(state_dir, timeout)
-        started.extend(processes)
-        env.update(values)
-    except BaseException:
-        for process in reversed(started):
-            process.stop()
-        raise
-    _write_private(
-        state_dir / "state.json", json.dumps({"env": env, "processes": [vars(p) for p in started]}, indent=2)
-    )
-    _write_private(env_file, env_file_text(env))
-    return env
+        except BaseException:
+            for process in reversed(started):
+                process.stop()
+            raise
+        _write_private(
+            state_dir / "state.json", json.dumps({"env": env, "processes": [vars(p) for p in started]}, indent=2)
+        )
+        _write_private(env_file, env_file_text(env))
+        return env
 
 
 def down(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> list[str]:
     """Stop exactly the processes up() recorded; remove the env file. Returns what was stopped."""
     state_dir = state_dir.resolve()
+    if not state_dir.exists():
+        env_file.unlink(missing_ok=True)
+        return []
+    with _locked(state_dir):
+        return _down(state_dir, env_file)
+
+
+def _down(state_dir: Path, env_file: Path) -> list[str]:
     stopped = []
     for process in reversed(_processes(_load_state(state_dir))):
-        if process.alive():
+        if process.alive() or _group_members(process.pid):
             process.stop()
             stopped.append(f"{process.name} (pid {process.pid})")
     (state_dir / "state.json").unlink(missing_ok=True)
@@ -539,11 +610,12 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> list[tuple[str, int, bool]]:
     return [(p.name, p.pid, p.alive()) for p in _processes(_load_state(state_dir.resolve()))]
 
 
-def check(env: Mapping[str, str]) -> list[str]:
-    """Whether the servers named by the DAGSTER_PG_* and WINE_ASSETS_* variables in env answer:
-    a line per server that was checked. Raises ServiceError naming the first that does not."""
+def check(env: Mapping[str, str], *, postgres: bool = True, celery: bool = False) -> list[str]:
+    """Whether the servers a run needs answer: the PostgreSQL database of the DAGSTER_PG_*
+    variables, and for Celery the Redis broker and at least one worker. A line per server;
+    raises ServiceError naming the first that does not answer."""
     lines = []
-    if env.get("DAGSTER_PG_HOST"):
+    if postgres:
         missing = [name for name in ENV_NAMES[:5] if not env.get(name)]
         if missing:
             raise ServiceError(f"{', '.join(missing)} not set (the PostgreSQL instance reads them)")
@@ -563,20 +635,26 @@ def check(env: Mapping[str, str]) -> list[str]:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ServiceError(f"{where} does not answer: {first} (start it with make services)") from None
         lines.append(f"{where} answers")
-    for name in ("WINE_ASSETS_CELERY_BROKER", "WINE_ASSETS_CELERY_BACKEND"):
-        url = env.get(name, "")
-        if url.startswith("redis://"):
-            host_port = url.removeprefix("redis://").split("@")[-1].split("/")[0]
-            host, _, port = host_port.partition(":")
-            try:
-                with socket.create_connection((host, int(port or 6379)), timeout=5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    answered = sock.recv(64)
-            except (OSError, ValueError) as exc:
-                raise ServiceError(
-                    f"Redis at {host_port} ({name}) does not answer: {exc} (start it with make services)"
-                ) from None
-            lines.append(f"Redis at {host_port} ({name}) answers {answered.decode(errors='replace').strip()}")
+    if celery:
+        broker = env.get("WINE_ASSETS_CELERY_BROKER", "")
+        if not broker.startswith("redis://"):
+            raise ServiceError(f"WINE_ASSETS_CELERY_BROKER = {broker!r} is not a redis:// URL")
+        host_port = broker.removeprefix("redis://").split("@")[-1].split("/")[0]
+        host, _, port = host_port.partition(":")
+        try:
+            if not _redis_ping(int(port or 6379), host):
+                raise OSError("it did not answer PING with PONG")
+        except (OSError, ValueError) as exc:
+            raise ServiceError(f"Redis at {host_port} (the Celery broker) does not answer: {exc}") from None
+        lines.append(f"Redis at {host_port} (the Celery broker) answers")
+        # A run with no worker on its queue would wait for ever: ask the workers to answer.
+        from celery import Celery
+
+        app = Celery("wine_assets_check", broker=broker, backend=env.get("WINE_ASSETS_CELERY_BACKEND") or None)
+        replies = app.control.ping(timeout=3.0)
+        if not replies:
+            raise ServiceError(f"no Celery worker answers on {host_port}: start one with make worker")
+        lines.append(f"{len(replies)} Celery worker(s) answer: {', '.join(sorted(k for r in replies for k in r))}")
     return lines
 
 
@@ -586,6 +664,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("up", "down", "status", "purge", "check"),
         help="start, stop, list, stop and delete their data, or check that the servers in the environment answer",
     )
+    parser.add_argument("--postgres", action="store_true", help="check: the PostgreSQL database of DAGSTER_PG_*")
+    parser.add_argument("--celery", action="store_true", help="check: the Celery broker and a worker")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .services")
     parser.add_argument("--env-file", type=Path, default=DEFAULT_ENV_FILE, help="default: .services.env")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server (default 60)")
@@ -605,7 +685,8 @@ def run(args: argparse.Namespace) -> int:
             stopped = down(args.state_dir, args.env_file)
             print("stopped " + ", ".join(stopped) if stopped else "no services were running")
         elif args.action == "check":
-            for line in check(os.environ):
+            both = not (args.postgres or args.celery)
+            for line in check(os.environ, postgres=args.postgres or both, celery=args.celery or both):
                 print(line)
         elif args.action == "purge":
             purge(args.state_dir, args.env_file)

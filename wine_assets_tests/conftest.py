@@ -255,8 +255,8 @@ def scaleout_env(services_env: dict[str, str]) -> dict[str, str]:
     return {
         **services_env,
         "DAGSTER_PG_DB": database,
-        "WINE_ASSETS_CELERY_BROKER": f"{redis}/{2 + index % 12}",
-        "WINE_ASSETS_CELERY_BACKEND": f"{redis}/{2 + index % 12}",
+        "WINE_ASSETS_CELERY_BROKER": f"{redis}/{2 + 2 * index}",  # redis-server runs with 256 databases
+        "WINE_ASSETS_CELERY_BACKEND": f"{redis}/{2 + 2 * index}",
     }
 
 

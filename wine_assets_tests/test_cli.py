@@ -221,3 +221,21 @@ def test_summary_exits_1_when_the_gate_fails_or_the_metrics_are_broken(env, tmp_
     (artifacts / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
     partial = wine_assets("summary", env=env, cwd=tmp_path)
     assert partial.returncode == 1 and "has no numeric f1_macro" in partial.stderr
+
+
+def test_a_run_launched_with_no_params_file_is_tagged_and_warns(tmp_path):
+    """Built-in defaults only where no params file exists at launch, and the run says so."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = cli_env(home, tmp_path / "unused.yaml")
+    env.pop("WINE_ASSETS_PARAMS")
+    completed = dagster("asset", "materialize", "-m", "wine_assets", "--select", "raw_wine", env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"no params file existed when this run was launched: built-in defaults, paths relative to {tmp_path}" in (
+        completed.stderr
+    )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        tags = instance.get_runs(limit=1)[0].tags
+    assert tags["wine_assets/params_file"] == "none (built-in defaults)"
+    assert tags["wine_assets/params_base_dir"] == str(tmp_path)

@@ -121,3 +121,18 @@ def test_new_csv_trains_and_releases_through_the_sensors(instance, request, tmp_
         stop_group(server)
     assert server.poll() is not None
     assert "SupersessionWarning" not in log_path.read_text()
+    if instance == "postgres":  # the run history is in PostgreSQL, not in a SQLite file
+        import psycopg2
+
+        connection = psycopg2.connect(
+            host=env["DAGSTER_PG_HOST"],
+            port=int(env["DAGSTER_PG_PORT"]),
+            user=env["DAGSTER_PG_USER"],
+            password=env["DAGSTER_PG_PASSWORD"],
+            dbname=env["DAGSTER_PG_DB"],
+        )
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pipeline_name, status FROM runs ORDER BY create_timestamp")
+            assert cursor.fetchall() == [("training_job", "SUCCESS"), ("release_job", "SUCCESS")]
+        connection.close()
+        assert not list(dagster_home.rglob("*.db"))

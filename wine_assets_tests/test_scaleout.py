@@ -141,6 +141,17 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
         assert again.returncode == 0 and "already running" in again.stdout
         assert services.read_env_file(env_file) == env  # the same servers, the same ports
 
+        # Without a worker, a Celery run would wait for ever: the check says so first.
+        checked = subprocess.run(
+            [str(BIN / "wine-assets"), "services", "check", "--celery"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 1
+        assert "no Celery worker answers on 127.0.0.1:" in checked.stderr
+
         # make worker: a Celery worker on that broker, in the foreground, until it is stopped.
         log = tmp_path / "worker.log"
         with open(log, "wb") as out:
@@ -160,6 +171,16 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
             broker = env["WINE_ASSETS_CELERY_BROKER"].replace("redis://", "redis://:**@")  # as Celery prints it
             assert f"transport:   {broker}" in text
             assert "concurrency: 1 (prefork)" in text
+            checked = subprocess.run(
+                [str(BIN / "wine-assets"), "services", "check"],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert checked.returncode == 0, checked.stderr
+            assert "PostgreSQL database 'dagster' at 127.0.0.1:" in checked.stdout
+            assert "1 Celery worker(s) answer" in checked.stdout
         finally:
             stop_group(worker)
     finally:
@@ -171,6 +192,33 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
     assert not env_file.exists()
     again = subprocess.run([*make, "services-down"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "no services were running" in again.stdout
+    services.purge(state, env_file)  # the cluster too, wherever it lives
+    assert not state.exists()
+
+
+def test_make_targets_pick_the_instance_and_executor_by_variables(tmp_path):
+    def plan(*variables: str) -> str:
+        dry = subprocess.run(
+            ["make", "--no-print-directory", "-n", "-C", str(REPO_ROOT), "run", *variables],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "DAGSTER_HOME": str(tmp_path / "h")},
+        )
+        assert dry.returncode == 0, dry.stderr
+        return dry.stdout
+
+    default = plan()
+    assert "services check" not in default and "-c deploy/run-celery.yaml" not in default
+    postgres = plan("INSTANCE=postgres")
+    assert f"cp deploy/dagster-postgres.yaml {REPO_ROOT}/.dagster_home_postgres/dagster.yaml" in postgres
+    assert "wine-assets services check --postgres" in postgres and "--celery" not in postgres
+    both = plan("INSTANCE=postgres", "EXECUTOR=celery")
+    assert "services check --postgres --celery" in both and "--select '*' -c deploy/run-celery.yaml" in both
+    wrong = subprocess.run(
+        ["make", "-n", "-C", str(REPO_ROOT), "run", "INSTANCE=mysql"], capture_output=True, text=True, timeout=60
+    )
+    assert wrong.returncode != 0 and "INSTANCE=mysql: use sqlite (the default) or postgres" in wrong.stderr
 
 
 # -- PostgreSQL instance storage --
@@ -366,7 +414,7 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
     """The pool process running wine_model is killed (as the OOM killer would): Celery reports the
     task lost, the run fails with that event, and no model file or registry version appears."""
     redis = scaleout_env["WINE_ASSETS_CELERY_BROKER"].rsplit("/", 1)[0]
-    queue = f"{redis}/{14 - xdist_index() % 2}"  # a queue no other worker listens on
+    queue = f"{redis}/{3 + 2 * xdist_index()}"  # a queue no other worker listens on
     base = {**scaleout_env, "WINE_ASSETS_CELERY_BROKER": queue, "WINE_ASSETS_CELERY_BACKEND": queue}
     worker_home = make_postgres_home(tmp_path / "worker_home")
     worker = start_celery_worker(tmp_path / "killed_worker", scaleout_cli_env(base, worker_home), concurrency=1)
@@ -418,12 +466,20 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
 
 # -- training on the Dask cluster --
 def test_the_cluster_fitted_forest_predicts_exactly_what_the_local_one_predicts(services_env, wine_frame):
+    from distributed import Client
+
+    def tasks_done() -> int:
+        with Client(services_env["WINE_ASSETS_DASK_SCHEDULER"], timeout=10) as client:
+            return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+    before = tasks_done()
     scaler = StandardScaler().fit(features_of(wine_frame))
     local = training.train_model(wine_frame, scaler, ModelParams())
     cluster = training.train_model(
         wine_frame, scaler, ModelParams(dask_scheduler=services_env["WINE_ASSETS_DASK_SCHEDULER"])
     )
     assert cluster.backend.startswith(f"dask {services_env['WINE_ASSETS_DASK_SCHEDULER']} (2 workers)")
+    assert tasks_done() - before >= 10  # the trees were fitted as tasks of this scheduler
     assert cluster.model.n_jobs == local.model.n_jobs == 1
     rng = np.random.default_rng(0)
     low, high = wine_frame[list(FEATURE_COLUMNS)].min(), wine_frame[list(FEATURE_COLUMNS)].max()

@@ -67,12 +67,15 @@ class LaunchParamsExecutor(dg.Executor):
 
     def __getattr__(self, name: str) -> Any:
         # The Celery loop asks its executor for app_args(); everything else goes to the inner one too.
+        if name == "inner":  # not set yet (a copy in the making): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def execute(self, plan_context, execution_plan) -> Iterator[dg.DagsterEvent]:  # noqa: ANN001
         run = plan_context.dagster_run
         try:
-            # A re-execution keeps the tags of its parent run, and so its params.
+            # A run that already carries launch params keeps them: a re-execution of a failed run
+            # started with its parent's tags (the UI's default) reads the same file as its parent.
             if LaunchParams.from_tags(run.tags) is None:
                 plan_context.instance.add_run_tags(run.run_id, launch_params_of(plan_context).to_tags())
         except ParamsError as exc:

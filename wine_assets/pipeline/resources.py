@@ -25,8 +25,11 @@ class WineParamsResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         launch = None
         if context.dagster_run is not None:
+            # The executor tags the run in the instance when the run starts; the in-process executor
+            # hands its steps the run as it was before that, so the stored run is read.
+            run = context.instance.get_run_by_id(context.dagster_run.run_id) if context.instance else None
             try:
-                launch = LaunchParams.from_tags(context.dagster_run.tags)
+                launch = LaunchParams.from_tags((run or context.dagster_run).tags)
             except ParamsError as exc:
                 raise self._failure(exc) from exc
         if launch is not None and launch.params_file is None:
@@ -42,13 +45,14 @@ class WineParamsResource(dg.ConfigurableResource):
                 return launch.load(self.overrides)
             return load_params(self.params_file, self.overrides)
         except ParamsError as exc:
-            raise self._failure(exc) from exc
+            raise self._failure(exc, launch) from exc
 
-    def _failure(self, exc: ParamsError) -> dg.Failure:
-        return dg.Failure(
-            description=f"invalid parameters: {exc}",
-            metadata={"params_file": self.params_file or f"${PARAMS_ENV_VAR} or ./params.yaml"},
-        )
+    def _failure(self, exc: ParamsError, launch: LaunchParams | None = None) -> dg.Failure:
+        if launch is not None:
+            where = str(launch.params_file) if launch.params_file else "built-in defaults (no file at launch)"
+        else:
+            where = self.params_file or f"${PARAMS_ENV_VAR} or ./params.yaml"
+        return dg.Failure(description=f"invalid parameters: {exc}", metadata={"params_file": where})
 
     @property
     def values(self) -> Params:
