@@ -55,3 +55,4 @@ def test_the_benchmark_smoke_run_writes_every_section(tmp_path):
     assert "| 1,000 rows |" in text and "training (`wine_model`)" in text
     assert "Largest size run here within 10 minutes per run: **1,000 rows**" in text
     assert "smoke run" in text
+    assert "## 4. Scale-out: instance storage, executors, training on a cluster\n\nNot run (`--smoke`" in text
