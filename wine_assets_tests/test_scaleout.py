@@ -39,7 +39,6 @@ from .conftest import (
     make_postgres_home,
     scaleout_cli_env,
     shuffled_labels,
-    start_celery_worker,
     stop_group,
     tree_snapshot,
     xdist_index,
@@ -410,31 +409,28 @@ def test_celery_gate_failure_leaves_the_deployment_unexecuted_and_the_registry_u
     assert tree_snapshot(project / "registry") == before
 
 
-def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(scaleout_env, tmp_path):
+def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(scaleout_env, celery_worker, tmp_path):
     """The pool process running wine_model is killed (as the OOM killer would): Celery reports the
-    task lost, the run fails with that event, and no model file or registry version appears."""
-    redis = scaleout_env["WINE_ASSETS_CELERY_BROKER"].rsplit("/", 1)[0]
-    queue = f"{redis}/{3 + 2 * xdist_index()}"  # a queue no other worker listens on
-    base = {**scaleout_env, "WINE_ASSETS_CELERY_BROKER": queue, "WINE_ASSETS_CELERY_BACKEND": queue}
-    worker_home = make_postgres_home(tmp_path / "worker_home")
-    worker = start_celery_worker(tmp_path / "killed_worker", scaleout_cli_env(base, worker_home), concurrency=1)
+    task lost, the run fails with that event, and no model file or registry version appears. The
+    worker itself replaces the lost process and serves the next tests."""
+    worker = celery_worker
     project = tmp_path / "project"
     params = write_project(project, model={"n_estimators": 4000})  # long enough to be caught mid-fit
     home = make_postgres_home(tmp_path / "dagster_home")
-    env = scaleout_cli_env(base, home, params)
+    env = scaleout_cli_env(scaleout_env, home, params)
     log = tmp_path / "launcher.log"
     with instance_at(home, env) as instance:
         earlier = {run.run_id for run in instance.get_runs()}
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*", "-c", RUN_CELERY],
+            env=env,
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        with open(log, "wb") as out:
-            launcher = subprocess.Popen(
-                [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*", "-c", RUN_CELERY],
-                env=env,
-                cwd=project,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
         victim = None
         deadline = time.monotonic() + 180
         with instance_at(home, env) as instance:
@@ -453,8 +449,8 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
             assert run.status == dg.DagsterRunStatus.FAILURE
             assert "model_deployment" not in step_pids(instance, run.run_id)
     finally:
-        stop_group(launcher) if "launcher" in locals() else None
-        stop_group(worker.process)
+        if launcher.poll() is None:
+            stop_group(launcher)
     text = log.read_text()
     assert "During celery execution errors occurred in workers" in text, text[-3000:]
     assert "[wine_model]: billiard.exceptions.WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL)" in text
@@ -462,6 +458,10 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
     assert not (artifacts / "model.joblib").exists()
     assert not [path.name for path in artifacts.rglob("*") if ".tmp" in path.name]
     assert not (project / "registry").exists()
+    deadline = time.monotonic() + 30
+    while len(worker.pool_pids()) < 2 and time.monotonic() < deadline:  # the pool is whole again
+        time.sleep(0.2)
+    assert victim not in worker.pool_pids() and len(worker.pool_pids()) == 2
 
 
 # -- training on the Dask cluster --
