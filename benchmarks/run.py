@@ -515,37 +515,6 @@ EXECUTOR_CONFIGS = {
 NOOP = [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "noop_graph.py"), "--select"]
 
 
-def _start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`make worker`'s command (two processes), ready when its log says so."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "wine_assets.pipeline.celery_app",
-                "worker",
-                "-Q",
-                "dagster",
-                "--prefetch-multiplier=1",
-                "--loglevel=INFO",
-                "--concurrency=2",
-            ],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while " ready." not in log.read_text(errors="replace"):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the Celery worker did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.3)
-    return worker
-
-
 def _stop_group(process: subprocess.Popen) -> None:
     import signal
 
@@ -601,7 +570,7 @@ def scaleout(tmp: Path, runs: int, noop_runs: int, multiprocess_runs: int, train
             # A worker per instance, as in a deployment: each serves the instance its launchers use.
             if worker is not None:
                 _stop_group(worker)
-            worker = _start_worker(tmp / f"celery-worker-{instance}", base_env)
+            worker = services.start_celery_worker(tmp / f"celery-worker-{instance}", base_env)
             for executor, config_text in EXECUTOR_CONFIGS.items():
                 extra = ["-c", str(tmp / f"{executor}.yaml")] if config_text else []
                 if config_text:

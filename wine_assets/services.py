@@ -84,7 +84,7 @@ class Process:
         The group is signalled while its leader is the recorded process, or (leader gone) while
         members of the group are left; a recycled process id with another start time is not ours.
         """
-        if not self.alive() and not _group_members(self.pid):
+        if not self.alive() and not group_members(self.pid):
             return
         _signal_group(self.pid, self.stop_signal)
         if self._wait_gone(timeout):
@@ -98,7 +98,7 @@ class Process:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _reap(self.pid)
-            if not self.alive() and not _group_members(self.pid):
+            if not self.alive() and not group_members(self.pid):
                 return True
             time.sleep(0.1)
         return False
@@ -123,7 +123,7 @@ def _signal_group(pgid: int, signum: int) -> None:
         ) from None
 
 
-def _group_members(pgid: int) -> set[int]:
+def group_members(pgid: int) -> set[int]:
     """The processes of a process group that have not exited (zombies excluded), from /proc."""
     members = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -488,6 +488,46 @@ def _redis_like_open(port: int) -> bool:
         return True
 
 
+# -- Celery workers (make worker starts one in the foreground; tests and benchmarks in the background) --
+CELERY_WORKER = [
+    "-m",
+    "celery",
+    "-A",
+    "wine_assets.pipeline.celery_app",
+    "worker",
+    "-Q",
+    "dagster",
+    "--prefetch-multiplier=1",
+    "--loglevel=INFO",
+]
+
+
+def start_celery_worker(
+    folder: Path, env: Mapping[str, str], concurrency: int = 2, timeout: float = 90
+) -> subprocess.Popen:
+    """`make worker`'s command in its own process group, started in `folder`, its log in
+    folder/worker.log; returns once the worker says it is ready."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "worker.log"
+    with open(log_path, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, *CELERY_WORKER, f"--concurrency={concurrency}", f"--hostname=wine-{folder.name}@%h"],
+            cwd=folder,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while " ready." not in log_path.read_text(errors="replace"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            if worker.poll() is None:
+                _signal_group(worker.pid, signal.SIGKILL)
+            raise ServiceError(f"the Celery worker did not start:\n{_tail(str(log_path))}")
+        time.sleep(0.3)
+    return worker
+
+
 # -- the state file and the env file --
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +638,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE)
 def _down(state_dir: Path, env_file: Path) -> list[str]:
     stopped = []
     for process in reversed(_processes(_load_state(state_dir))):
-        if process.alive() or _group_members(process.pid):
+        if process.alive() or group_members(process.pid):
             process.stop()
             stopped.append(f"{process.name} (pid {process.pid})")
     (state_dir / "state.json").unlink(missing_ok=True)

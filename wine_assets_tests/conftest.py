@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,11 +259,38 @@ def scaleout_env(services_env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def pg_rows(env: dict[str, str], sql: str, args: tuple = ()) -> list[tuple]:
+    """The rows of one query on the PostgreSQL database that env's DAGSTER_PG_* variables name."""
+    import psycopg2
+
+    connection = psycopg2.connect(
+        host=env["DAGSTER_PG_HOST"],
+        port=int(env["DAGSTER_PG_PORT"]),
+        user=env["DAGSTER_PG_USER"],
+        password=env["DAGSTER_PG_PASSWORD"],
+        dbname=env["DAGSTER_PG_DB"],
+    )
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, args)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
 def make_postgres_home(home: Path) -> Path:
     """A DAGSTER_HOME whose dagster.yaml is deploy/dagster-postgres.yaml, as `make run INSTANCE=postgres`."""
     home.mkdir(exist_ok=True)
     shutil.copy(REPO_ROOT / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
     return home
+
+
+def start_in_group(
+    argv: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """A long-running command in a process group of its own (see stop_group), output to log."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_group(process: subprocess.Popen, grace: float = 30) -> None:
@@ -284,19 +310,6 @@ def stop_group(process: subprocess.Popen, grace: float = 30) -> None:
             continue
 
 
-def group_members(pgid: int) -> set[int]:
-    """The live processes of a process group (from /proc)."""
-    members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            members.add(int(stat.parent.name))
-    return members
-
-
 @dataclass
 class CeleryWorker:
     process: subprocess.Popen
@@ -305,42 +318,19 @@ class CeleryWorker:
     env: dict[str, str]
 
     def pool_pids(self) -> set[int]:
-        return group_members(self.process.pid) - {self.process.pid}
+        return services.group_members(self.process.pid) - {self.process.pid}
 
 
 def start_celery_worker(folder: Path, env: dict[str, str], concurrency: int = 2, timeout: float = 90) -> CeleryWorker:
     """`make worker`'s command, started in `folder` (not the project), ready when it says so."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "worker.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "wine_assets.pipeline.celery_app",
-                "worker",
-                "-Q",
-                "dagster",
-                "--prefetch-multiplier=1",
-                "--loglevel=INFO",
-                f"--concurrency={concurrency}",
-                f"--hostname=wine-test-{folder.name}@%h",
-            ],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the Celery worker exited:\n{log.read_text()[-3000:]}")
-        if " ready." in log.read_text(errors="replace"):
-            return CeleryWorker(process, folder, log, env)
-        time.sleep(0.3)
-    stop_group(process)
-    raise AssertionError(f"the Celery worker was not ready within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    process = services.start_celery_worker(folder, env, concurrency, timeout)
+    return CeleryWorker(process, folder, folder / "worker.log", env)
+
+
+def fresh_database(env: dict[str, str], name: str) -> dict[str, str]:
+    """env with DAGSTER_PG_DB set to a database of its own (an empty run history), created if need be."""
+    services.create_database(env["DAGSTER_PG_HOST"], int(env["DAGSTER_PG_PORT"]), env["DAGSTER_PG_PASSWORD"], name)
+    return {**env, "DAGSTER_PG_DB": name}
 
 
 def scaleout_cli_env(base: dict[str, str], home: Path, params_file: Path | None = None) -> dict[str, str]:

@@ -7,7 +7,6 @@ and a new version must appear in the registry; all observed through the webserve
 
 import json
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -16,10 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from wine_assets import services
 from wine_assets.registry import ModelRegistry
 
-from .conftest import REPO_ROOT, cli_env, make_postgres_home, stop_group, xdist_index
+from .conftest import (
+    REPO_ROOT,
+    cli_env,
+    fresh_database,
+    make_postgres_home,
+    pg_rows,
+    start_in_group,
+    stop_group,
+    xdist_index,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -49,16 +56,10 @@ def test_new_csv_trains_and_releases_through_the_sensors(instance, request, tmp_
     incoming.mkdir()
     params_file = write_params(data={"watch_dir": "incoming"})
     if instance == "postgres":  # deploy/dagster-postgres.yaml, a database of this test's own
-        scaleout_env = request.getfixturevalue("scaleout_env")
-        database = f"wine_assets_dev_gw{xdist_index()}"  # an empty run history: the runs below are all
-        services.create_database(
-            scaleout_env["DAGSTER_PG_HOST"],
-            int(scaleout_env["DAGSTER_PG_PORT"]),
-            scaleout_env["DAGSTER_PG_PASSWORD"],
-            database,
-        )
+        # An empty run history: the runs below are all there is.
+        servers = fresh_database(request.getfixturevalue("scaleout_env"), f"wine_assets_dev_gw{xdist_index()}")
         dagster_home = make_postgres_home(tmp_path / "dagster_home")
-        env = {**cli_env(dagster_home, params_file), **scaleout_env, "DAGSTER_PG_DB": database}
+        env = {**cli_env(dagster_home, params_file), **servers}
     else:
         dagster_home = request.getfixturevalue("dagster_home")
         env = cli_env(dagster_home, params_file)
@@ -66,16 +67,10 @@ def test_new_csv_trains_and_releases_through_the_sensors(instance, request, tmp_
     port = free_port()
     log_path = tmp_path / "dagster_dev.log"
     deadline = time.monotonic() + BUDGET_SECONDS
-    with open(log_path, "wb") as log:
-        # dg dev serves the project of the folder it starts in ([tool.dg] in pyproject.toml).
-        server = subprocess.Popen(
-            [str(BIN / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # dg dev serves the project of the folder it starts in ([tool.dg] in pyproject.toml).
+    server = start_in_group(
+        [str(BIN / "dg"), "dev", "-h", "127.0.0.1", "-p", str(port)], log_path, cwd=REPO_ROOT, env=env
+    )
     try:
         sensors = None
         while time.monotonic() < deadline:
@@ -122,17 +117,6 @@ def test_new_csv_trains_and_releases_through_the_sensors(instance, request, tmp_
     assert server.poll() is not None
     assert "SupersessionWarning" not in log_path.read_text()
     if instance == "postgres":  # the run history is in PostgreSQL, not in a SQLite file
-        import psycopg2
-
-        connection = psycopg2.connect(
-            host=env["DAGSTER_PG_HOST"],
-            port=int(env["DAGSTER_PG_PORT"]),
-            user=env["DAGSTER_PG_USER"],
-            password=env["DAGSTER_PG_PASSWORD"],
-            dbname=env["DAGSTER_PG_DB"],
-        )
-        with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT pipeline_name, status FROM runs ORDER BY create_timestamp")
-            assert cursor.fetchall() == [("training_job", "SUCCESS"), ("release_job", "SUCCESS")]
-        connection.close()
+        runs = pg_rows(env, "SELECT pipeline_name, status FROM runs ORDER BY create_timestamp")
+        assert runs == [("training_job", "SUCCESS"), ("release_job", "SUCCESS")]
         assert not list(dagster_home.rglob("*.db"))

@@ -20,7 +20,6 @@ from pathlib import Path
 import dagster as dg
 import joblib
 import numpy as np
-import psycopg2
 import pytest
 import yaml
 from sklearn.preprocessing import StandardScaler
@@ -33,12 +32,16 @@ from wine_assets.registry import ModelRegistry
 from wine_assets.validation import FEATURE_COLUMNS
 
 from .conftest import (
+    ALL_ASSETS,
     BIN,
     REPO_ROOT,
+    fresh_database,
     make_dagster_home,
     make_postgres_home,
+    pg_rows,
     scaleout_cli_env,
     shuffled_labels,
+    start_in_group,
     stop_group,
     tree_snapshot,
     xdist_index,
@@ -91,22 +94,6 @@ def step_pids(instance: dg.DagsterInstance, run_id: str) -> dict[str, int]:
     return {record.event_log_entry.step_key: record.event_log_entry.dagster_event.pid for record in records}
 
 
-def pg_rows(env: dict[str, str], sql: str, args: tuple = ()) -> list[tuple]:
-    connection = psycopg2.connect(
-        host=env["DAGSTER_PG_HOST"],
-        port=int(env["DAGSTER_PG_PORT"]),
-        user=env["DAGSTER_PG_USER"],
-        password=env["DAGSTER_PG_PASSWORD"],
-        dbname=env["DAGSTER_PG_DB"],
-    )
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, args)
-            return cursor.fetchall()
-    finally:
-        connection.close()
-
-
 # -- make services / make services-down --
 def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path):
     state, env_file = tmp_path / "state", tmp_path / "services.env"
@@ -153,13 +140,7 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
 
         # make worker: a Celery worker on that broker, in the foreground, until it is stopped.
         log = tmp_path / "worker.log"
-        with open(log, "wb") as out:
-            worker = subprocess.Popen(
-                [*make, "worker", "WORKER_CONCURRENCY=1"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        worker = start_in_group([*make, "worker", "WORKER_CONCURRENCY=1"], log)
         try:
             deadline = time.monotonic() + 90
             while " ready." not in log.read_text(errors="replace") and time.monotonic() < deadline:
@@ -231,18 +212,7 @@ def test_the_postgres_instance_holds_runs_events_and_check_results(scaleout_env,
         run = last_run(instance)
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert run.status == dg.DagsterRunStatus.SUCCESS
-        assert materialized_in(instance, run.run_id) == {
-            "raw_wine",
-            "validated_wine",
-            "train_set",
-            "test_set",
-            "scaler",
-            "wine_model",
-            "evaluation_metrics",
-            "confusion_matrix_plot",
-            "feature_importance_plot",
-            "model_deployment",
-        }
+        assert materialized_in(instance, run.run_id) == ALL_ASSETS
     assert pg_rows(env, "SELECT status FROM runs WHERE run_id = %s", (run.run_id,)) == [("SUCCESS",)]
     (events,) = pg_rows(env, "SELECT count(*) FROM event_logs WHERE run_id = %s", (run.run_id,))
     assert events[0] > 50
@@ -421,15 +391,12 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
     log = tmp_path / "launcher.log"
     with instance_at(home, env) as instance:
         earlier = {run.run_id for run in instance.get_runs()}
-    with open(log, "wb") as out:
-        launcher = subprocess.Popen(
-            [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*", "-c", RUN_CELERY],
-            env=env,
-            cwd=project,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    launcher = start_in_group(
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "wine_assets", "--select", "*", "-c", RUN_CELERY],
+        log,
+        cwd=project,
+        env=env,
+    )
     try:
         victim = None
         deadline = time.monotonic() + 180
@@ -527,28 +494,14 @@ def test_the_pipeline_trains_on_the_cluster_when_the_params_say_so(services_env,
 def test_two_runs_launched_together_on_postgres_run_one_after_the_other(scaleout_env, tmp_path):
     project = tmp_path / "project"
     params = write_project(project)
-    database = f"wine_assets_queue_gw{xdist_index()}"  # an empty run history of its own
-    services.create_database(
-        scaleout_env["DAGSTER_PG_HOST"],
-        int(scaleout_env["DAGSTER_PG_PORT"]),
-        scaleout_env["DAGSTER_PG_PASSWORD"],
-        database,
-    )
+    servers = fresh_database(scaleout_env, f"wine_assets_queue_gw{xdist_index()}")  # an empty run history
     home = make_postgres_home(tmp_path / "dagster_home")
-    env = scaleout_cli_env({**scaleout_env, "DAGSTER_PG_DB": database}, home, params)
+    env = scaleout_cli_env(servers, home, params)
     for _ in range(2):
         launched = dagster(["job", "launch", "-m", "wine_assets", "-j", "training_job"], env, project, timeout=120)
         assert launched.returncode == 0, launched.stderr[-3000:]
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-m", "wine_assets"],
-            env=env,
-            cwd=project,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    daemon = start_in_group([str(BIN / "dagster-daemon"), "run", "-m", "wine_assets"], log, cwd=project, env=env)
     try:
         with instance_at(home, env) as instance:
             deadline = time.monotonic() + 240

@@ -32,12 +32,12 @@ def test_stop_ends_the_whole_process_group():
         assert started is not None
         process = services.Process("dask-worker-1", leader.pid, started, "/dev/null")
         deadline = time.monotonic() + 10
-        while len(services._group_members(leader.pid)) < 2 and time.monotonic() < deadline:
+        while len(services.group_members(leader.pid)) < 2 and time.monotonic() < deadline:
             pass
-        assert len(services._group_members(leader.pid)) == 2  # the leader and its child
+        assert len(services.group_members(leader.pid)) == 2  # the leader and its child
         process.stop(timeout=10)
         assert not process.alive()
-        assert services._group_members(leader.pid) == set()
+        assert services.group_members(leader.pid) == set()
     finally:
         leader.kill()
         leader.wait()
