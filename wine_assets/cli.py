@@ -250,6 +250,61 @@ def cmd_registry_reserve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    params = _params(args)
+    settings = params.serving
+    from wine_assets.serving import server
+
+    server.run(
+        params,
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        workers=args.workers if args.workers is not None else settings.workers,
+        graceful_seconds=args.graceful_seconds,
+        access_log=args.access_log,
+    )
+    return EXIT_OK
+
+
+def cmd_serving_report(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from wine_assets.serving.report import ReportError, build_report, format_report, latest_experiment, read_rows
+
+    path = Path(args.log) if args.log else params.serving_log_path
+    if path is None:
+        raise CliError("serving.log_path is null: no prediction log is kept (give one with --log)", EXIT_BAD_INPUT)
+    experiment = args.experiment or params.serving.experiment or latest_experiment(path)
+    min_labelled = args.min_labelled if args.min_labelled is not None else params.serving.min_labelled
+    try:
+        report = build_report(read_rows(path, experiment), experiment, min_labelled, args.alpha)
+    except ReportError as exc:
+        raise CliError(str(exc)) from exc
+    _out(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report).rstrip("\n"))
+    return EXIT_OK
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wine-assets",
@@ -339,6 +394,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     services.add_arguments(services_parser)
     services_parser.set_defaults(handler=services.run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the production model over HTTP (MLflow scoring protocol, Open Inference Protocol)",
+        description=(
+            "Start the HTTP API on uvicorn. Each worker loads the registry's production version (checksums "
+            "verified), answers 503 until it is ready, and follows the production alias as it moves. Defaults "
+            "come from the params file's serving section."
+        ),
+    )
+    serve.add_argument("--host", help="address to bind (default: serving.host, 127.0.0.1)")
+    serve.add_argument("--port", type=_port, help="port (default: serving.port, 8080)")
+    serve.add_argument("--workers", type=_positive, help="worker processes (default: serving.workers, 1)")
+    serve.add_argument(
+        "--graceful-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long requests in flight may take to finish (default: 30)",
+    )
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(handler=cmd_serve)
+
+    serving = commands.add_parser("serving", help="about the running service: the A/B report")
+    serving_commands = serving.add_subparsers(dest="serving_command", metavar="ACTION", required=True)
+    serving_report = serving_commands.add_parser(
+        "report",
+        help="online accuracy per variant with intervals and a significance test",
+        description=(
+            "Compare the A/B variants from the prediction log: accuracy on the predictions that received "
+            "feedback, 95%% Wilson intervals, Fisher's exact test (split) or McNemar's (shadow), agreement in "
+            "shadow mode, and a warning when there are too few labelled predictions to decide."
+        ),
+    )
+    serving_report.add_argument("--log", metavar="FILE", help="the prediction log (default: serving.log_path)")
+    serving_report.add_argument("--experiment", help="default: serving.experiment, else the latest in the log")
+    serving_report.add_argument("--min-labelled", type=_positive, help="default: serving.min_labelled")
+    serving_report.add_argument("--alpha", type=_share, default=0.05, help="significance level (default: 0.05)")
+    serving_report.add_argument("--json", action="store_true", help="print the report as JSON")
+    serving_report.set_defaults(handler=cmd_serving_report)
     return parser
 
 

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 PARAMS_ENV_VAR = "WINE_ASSETS_PARAMS"
@@ -102,6 +102,34 @@ class PathsParams(_Section):
     registry_dir: Text = Field("registry", description="the local model registry")
 
 
+class ServingParams(_Section):
+    host: Text = Field("127.0.0.1", description="address wine-assets serve binds to")
+    port: Count = Field(8080, ge=1, le=65535, description="port wine-assets serve listens on")
+    workers: Count = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    reload_interval_seconds: float = Field(
+        2.0, gt=0, le=3600, description="how often each worker reads the production alias"
+    )
+    max_rows: Count = Field(10000, ge=1, description="most rows one request may score (413 above)")
+    max_body_bytes: Count = Field(5_000_000, ge=1024, description="largest request body (413 above)")
+    log_path: Text | None = Field(
+        "serving/predictions.sqlite", description="append-only log of predictions and feedback; null: none"
+    )
+    routing_header: Text = Field("X-Routing-Key", description="header whose value picks the A/B variant")
+    experiment: Text | None = Field(None, description="name of the A/B test; null: production answers everything")
+    candidate_version: Count | None = Field(None, ge=1, description="the registry version the A/B test tries")
+    candidate_weight: float = Field(0.1, ge=0, le=1, description="share of routing keys sent to the candidate")
+    candidate_mode: Literal["split", "shadow"] = Field(
+        "split", description="split: the candidate answers its share; shadow: it scores every request, silently"
+    )
+    min_labelled: Count = Field(30, ge=1, description="labelled predictions per variant before the report decides")
+
+    @model_validator(mode="after")
+    def _experiment_needs_a_candidate(self) -> ServingParams:
+        if (self.experiment is None) != (self.candidate_version is None):
+            raise ValueError("experiment and candidate_version go together: set both, or neither")
+        return self
+
+
 class _Document(_Section):
     """A whole params file: every section optional, nothing else allowed."""
 
@@ -110,6 +138,7 @@ class _Document(_Section):
     validation: ValidationParams = ValidationParams()
     evaluation: EvaluationParams = EvaluationParams()
     paths: PathsParams = PathsParams()
+    serving: ServingParams = ServingParams()
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -127,6 +156,7 @@ class Params:
     validation: ValidationParams = field(default_factory=ValidationParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
     paths: PathsParams = field(default_factory=PathsParams)
+    serving: ServingParams = field(default_factory=ServingParams)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
     source_file: Path | None = field(default=None, compare=False)
 
@@ -149,6 +179,10 @@ class Params:
         if self.data.source == BUILTIN_SOURCE:
             return None
         return self.resolve(self.data.source)
+
+    @property
+    def serving_log_path(self) -> Path | None:
+        return None if self.serving.log_path is None else self.resolve(self.serving.log_path)
 
     @property
     def watch_dir(self) -> Path | None:

@@ -1,0 +1,63 @@
+"""``wine-assets serve``: process set-up, then uvicorn.
+
+Workers are separate processes started by uvicorn; each builds the app from the params file
+named by ``WINE_ASSETS_PARAMS`` (set here to an absolute path, so a worker reads exactly the
+file the command was given) and loads the model itself. Prometheus' multiprocess folder is
+created empty before any worker starts. SIGTERM (or Ctrl-C) stops accepting connections and
+lets requests in flight finish, for at most ``graceful_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from wine_assets.params import PARAMS_ENV_VAR, Params
+from wine_assets.serving.metrics import MULTIPROC_ENV
+
+logger = logging.getLogger(__name__)
+
+APP_FACTORY = "wine_assets.serving.app:create_app"
+
+
+def prepare_metrics_dir(folder: str | None) -> Path:
+    """An empty folder for prometheus_client's multiprocess files (a new temporary one by default)."""
+    if folder:
+        path = Path(folder)
+        if path.exists():
+            for entry in path.glob("*.db"):
+                entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix="wine-serving-metrics-"))
+
+
+def run(
+    params: Params, host: str, port: int, workers: int, graceful_seconds: float = 30.0, access_log: bool = False
+) -> None:
+    if params.source_file is not None:
+        os.environ[PARAMS_ENV_VAR] = str(params.source_file.resolve())
+    chosen = os.environ.get(MULTIPROC_ENV)
+    metrics_dir = prepare_metrics_dir(chosen)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    import uvicorn  # after the environment is set: prometheus_client reads it at import
+
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            http="httptools",
+            loop="uvloop",
+            access_log=access_log,
+            timeout_graceful_shutdown=graceful_seconds,
+            log_level="warning",
+        )
+    finally:
+        if not chosen:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
