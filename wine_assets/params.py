@@ -270,6 +270,8 @@ def _message(where: str, error: Mapping[str, Any]) -> str:
     if error["type"] == "invalid_key":
         location[-1] = str(error["input"])
     if len(location) == 1:
+        if error["type"] == "value_error":  # a rule across keys of one section
+            return f"{where}: section '{location[0]}': {error['ctx']['error']}"
         if unknown:
             return f"{where}: unknown section '{location[0]}'; the sections are: {', '.join(SECTIONS)}"
         return f"{where}: section '{location[0]}' must be a mapping of keys to values"

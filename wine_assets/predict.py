@@ -108,7 +108,7 @@ def prepare_features(frame: pd.DataFrame, strict: bool = False) -> tuple[pd.Data
             "\n  - ".join([f"{len(flags)} problem(s) in the input:", *flags[:MAX_LISTED_FAILURES]])
         )
     if fast_features_valid(features):
-        return features.astype(np.float64, copy=False), warnings
+        return features.astype(np.float64), warnings
     validated, failures = collect_failures(WineFeatures, features)
     if failures or validated is None:
         shown = [case.describe() for case in failures[:MAX_LISTED_FAILURES]]
@@ -118,7 +118,7 @@ def prepare_features(frame: pd.DataFrame, strict: bool = False) -> tuple[pd.Data
             + "\n  - ".join(shown)
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
-    return validated.astype(np.float64, copy=False), warnings
+    return validated.astype(np.float64), warnings
 
 
 def score(bundle: Bundle, features: pd.DataFrame) -> pd.DataFrame:

@@ -25,10 +25,10 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -280,31 +280,71 @@ def _model_metadata(service: Service, versions: list[int]) -> dict[str, Any]:
     }
 
 
-_NUMBERS = {"type": "array", "items": {"type": "number"}}
+def _bounded(name: str) -> dict[str, Any]:
+    low, high = inputs.BOUNDS[name]
+    return {"type": "number", "minimum": low, "maximum": high}
+
+
+# Request bodies are read by the handlers (see the module docstring); these schemas document them
+# and let schema-driven clients and fuzzers build valid requests.
+_ROW = {
+    "type": "array",
+    "description": "the 13 features in training order",
+    "prefixItems": [_bounded(name) for name in FEATURE_COLUMNS],
+    "items": False,
+    "minItems": len(FEATURE_COLUMNS),
+}
+_ROWS = {"type": "array", "items": _ROW, "minItems": 1, "maxItems": 50}
+_RECORD = {
+    "type": "object",
+    "properties": {name: _bounded(name) for name in FEATURE_COLUMNS},
+    "required": list(FEATURE_COLUMNS),
+}
+_EXAMPLE_ROW = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
+
+
+def _one_key(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {key: schema}, "required": [key], "additionalProperties": False}
+
+
 INVOCATIONS_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             JSON: {
                 "schema": {
-                    "type": "object",
-                    "properties": {
-                        "dataframe_split": {
-                            "type": "object",
-                            "properties": {
-                                "columns": {"type": "array", "items": {"type": "string"}},
-                                "data": {"type": "array", "items": _NUMBERS},
+                    "oneOf": [
+                        _one_key(
+                            "dataframe_split",
+                            {
+                                "type": "object",
+                                "properties": {"columns": {"const": list(FEATURE_COLUMNS)}, "data": _ROWS},
+                                "required": ["columns", "data"],
                             },
-                        },
-                        "dataframe_records": {"type": "array", "items": {"type": "object"}},
-                        "instances": {"type": "array"},
-                        "inputs": {},
-                    },
-                }
+                        ),
+                        _one_key("dataframe_records", {"type": "array", "items": _RECORD, "minItems": 1}),
+                        _one_key("instances", {"oneOf": [_ROWS, {"type": "array", "items": _RECORD, "minItems": 1}]}),
+                        _one_key("inputs", _ROWS),
+                    ]
+                },
+                "example": {"inputs": [_EXAMPLE_ROW]},
             },
-            "text/csv": {"schema": {"type": "string"}},
+            "text/csv": {
+                "schema": {"type": "string"},
+                "example": ",".join(FEATURE_COLUMNS) + "\n" + ",".join(map(str, _EXAMPLE_ROW)) + "\n",
+            },
         },
     }
+}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype", "data"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "shape": {"const": [1, len(FEATURE_COLUMNS)]},
+        "datatype": {"enum": ["FP64", "FP32"]},
+        "data": _ROW,
+    },
 }
 INFER_BODY = {
     "requestBody": {
@@ -317,25 +357,17 @@ INFER_BODY = {
                     "properties": {
                         "id": {"type": "string"},
                         "parameters": {"type": "object"},
-                        "inputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "shape", "datatype", "data"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "shape": {"type": "array", "items": {"type": "integer"}},
-                                    "datatype": {"type": "string"},
-                                    "data": {"type": "array"},
-                                },
-                            },
-                        },
+                        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
                         "outputs": {
                             "type": "array",
-                            "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+                            "items": {"type": "object", "properties": {"name": {"enum": list(OUTPUTS)}}},
                         },
                     },
-                }
+                },
+                "example": {
+                    "id": "1",
+                    "inputs": [{"name": "features", "shape": [1, 13], "datatype": "FP64", "data": _EXAMPLE_ROW}],
+                },
             }
         },
     }
@@ -352,11 +384,13 @@ FEEDBACK_BODY = {
                         "prediction_id": {"type": "string"},
                         "true_class": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
                     },
-                }
+                },
             }
         },
     }
 }
+ModelName = Annotated[str, Path(json_schema_extra={"enum": [MODEL_NAME]})]
+Version = Annotated[str, Path(json_schema_extra={"pattern": "^v?[1-9][0-9]*$"})]
 
 
 def create_app(params: Params | None = None) -> ServingMiddleware:
@@ -488,25 +522,25 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         return json_response({"ready": True})
 
     @app.get("/v2/models/{name}", summary="model metadata: inputs in training order, outputs, versions")
-    async def model_metadata(name: str) -> Response:
+    async def model_metadata(name: ModelName) -> Response:
         model_name(name)
         return json_response(_model_metadata(service, service.state.registry.versions()))
 
     @app.get("/v2/models/{name}/versions/{version}", summary="metadata of one version")
-    async def version_metadata(name: str, version: str) -> Response:
+    async def version_metadata(name: ModelName, version: Version) -> Response:
         model_name(name)
         served = await pinned_or_404(version)
         return json_response(_model_metadata(service, [served.version]))
 
     @app.get("/v2/models/{name}/ready", summary="200 when the production model is ready")
-    async def model_ready(name: str) -> Response:
+    async def model_ready(name: ModelName) -> Response:
         model_name(name)
         if not service.state.ready:
             raise not_ready(service.state)
         return json_response({"name": name, "ready": True})
 
     @app.get("/v2/models/{name}/versions/{version}/ready", summary="200 when that version can be served")
-    async def version_ready(name: str, version: str) -> Response:
+    async def version_ready(name: ModelName, version: Version) -> Response:
         model_name(name)
         served = await pinned_or_404(version)
         return json_response({"name": name, "version": str(served.version), "ready": True})
@@ -565,13 +599,13 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         summary="score rows with the production model (or the A/B variant)",
         openapi_extra=INFER_BODY,
     )
-    async def infer_production(request: Request, name: str) -> Response:
+    async def infer_production(request: Request, name: ModelName) -> Response:
         return await infer(request, name, None)
 
     @app.post(
         "/v2/models/{name}/versions/{version}/infer", summary="score rows with one version", openapi_extra=INFER_BODY
     )
-    async def infer_version(request: Request, name: str, version: str) -> Response:
+    async def infer_version(request: Request, name: ModelName, version: Version) -> Response:
         return await infer(request, name, version)
 
     # -- feedback and metrics ----------------------------------------------------------------

@@ -34,9 +34,9 @@ from wine_assets.validation import FEATURE_COLUMNS, WineFeatures, schema_bounds
 
 N_FEATURES = len(FEATURE_COLUMNS)
 _POSITION = {name: index for index, name in enumerate(FEATURE_COLUMNS)}
-_BOUNDS = schema_bounds(WineFeatures.to_schema()) or {}
-_LOWS = np.array([_BOUNDS[name][0] for name in FEATURE_COLUMNS])
-_HIGHS = np.array([_BOUNDS[name][1] for name in FEATURE_COLUMNS])
+BOUNDS = schema_bounds(WineFeatures.to_schema()) or {}
+_LOWS = np.array([BOUNDS[name][0] for name in FEATURE_COLUMNS])
+_HIGHS = np.array([BOUNDS[name][1] for name in FEATURE_COLUMNS])
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}

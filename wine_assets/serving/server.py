@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 from wine_assets.params import PARAMS_ENV_VAR, Params
-from wine_assets.serving.metrics import MULTIPROC_ENV
+
+# Not imported from wine_assets.serving.metrics: prometheus_client must not be imported before it is set.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 logger = logging.getLogger(__name__)
 
