@@ -200,7 +200,10 @@ class Service:
     async def score(
         self, request: Request, features: inputs.Features, model: ServedModel, variant: str, shadow: ServedModel | None
     ) -> tuple[np.ndarray, np.ndarray, list[str], BackgroundTask | None]:
-        """Scores, prediction ids, and the after-response work (log rows, shadow scoring)."""
+        """Scores, prediction ids, and the after-response work (shadow scoring), if any.
+
+        Log rows are only queued here; the log's own thread writes them.
+        """
         info = _request_info(request)
         info["model_version"] = model.version
         if features.rows <= INLINE_ROWS:
@@ -214,14 +217,19 @@ class Service:
         for value, count in zip(model.class_values, counts.tolist(), strict=True):
             if count:
                 metrics.PREDICTIONS.labels(str(model.version), variant, str(value)).inc(count)
-        background = None
-        if shadow is not None or self.log is not None:
-            background = BackgroundTask(
-                self._after_response, info["request_id"], ids, model.version, variant, classes, features.values, shadow
+        if shadow is not None:  # scored after the response is sent: the shadow never delays an answer
+            return (
+                chosen,
+                probabilities,
+                ids,
+                BackgroundTask(
+                    self._log_rows, info["request_id"], ids, model.version, variant, classes, features.values, shadow
+                ),
             )
-        return chosen, probabilities, ids, background
+        self._log_rows(info["request_id"], ids, model.version, variant, classes, features.values, None)
+        return chosen, probabilities, ids, None
 
-    def _after_response(
+    def _log_rows(
         self,
         request_id: str,
         ids: list[str],

@@ -1,13 +1,22 @@
 """A released bundle made ready to serve: verified, checked against scikit-learn, warmed.
 
 scikit-learn's ``predict_proba`` costs 15-30 ms on one row, nearly all of it per-call input
-validation and thread-pool set-up. A forest's probabilities are the mean of its trees'
-leaf fractions, so this module computes exactly that with each fitted tree's own
-``tree_.predict`` on the scaled rows (float32, as scikit-learn converts them), summed in
-the estimators' order: the same arithmetic, bit for bit, at a fraction of the cost.
-Any other estimator (or a scaler that is not a fitted StandardScaler) is scored through
-scikit-learn itself. Either way, ``load`` compares the result with scikit-learn's on the
-release's reference rows before the model may serve.
+validation and thread-pool set-up. A forest's probabilities are the mean of its trees' leaf
+values, so this module computes exactly that, with scikit-learn's own arithmetic:
+
+* rows are scaled as ``StandardScaler.transform`` does (``(x - mean) / scale`` in float64),
+  then converted to float32, as the forest converts its input;
+* small batches walk every tree at once: the trees' node arrays are packed into one set of
+  arrays and all (row, tree) pairs step down a level per NumPy operation, comparing the
+  float32 value with the float64 threshold as scikit-learn's ``Tree.apply`` does;
+* large batches call each fitted tree's ``tree_.predict``, which is fast per row there;
+* the trees' leaf values are added in the estimators' order (``cumsum`` adds sequentially,
+  as the forest's accumulation does) and divided by the number of trees.
+
+So the probabilities are bit-identical to scikit-learn's. Any other estimator (or a scaler
+that is not a fitted StandardScaler) is scored through scikit-learn itself. Either way,
+``prepare`` compares the result with scikit-learn's on the release's reference rows before
+the model may serve.
 """
 
 from __future__ import annotations
@@ -36,6 +45,53 @@ class VerificationError(RegistryError):
     """A version that loaded but does not predict what scikit-learn predicts: it is not served."""
 
 
+#: Batches up to this many rows walk the packed trees; larger ones call each tree's own predict.
+PACKED_ROWS = 64
+
+
+class PackedTrees:
+    """Every tree's nodes in one set of arrays, for walking all trees at once."""
+
+    def __init__(self, trees: tuple[Any, ...], n_classes: int):
+        offsets = np.cumsum([0] + [tree.node_count for tree in trees[:-1]])
+        self.roots = offsets.astype(np.intp)
+        self.feature = np.concatenate([tree.feature for tree in trees]).astype(np.intp)
+        self.threshold = np.concatenate([tree.threshold for tree in trees])
+        # Leaves have no children (-1); they are never followed, so any in-range index will do.
+        self.left = np.concatenate(
+            [
+                np.where(tree.children_left >= 0, tree.children_left + offset, 0)
+                for tree, offset in zip(trees, offsets, strict=True)
+            ]
+        ).astype(np.intp)
+        self.right = np.concatenate(
+            [
+                np.where(tree.children_right >= 0, tree.children_right + offset, 0)
+                for tree, offset in zip(trees, offsets, strict=True)
+            ]
+        ).astype(np.intp)
+        self.is_leaf = self.feature < 0
+        self.safe_feature = np.where(self.is_leaf, 0, self.feature)
+        self.value = np.concatenate([tree.value[:, 0, :n_classes] for tree in trees])
+        self.n_trees = len(trees)
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        """Mean leaf value over the trees for float32 ``rows`` (already scaled)."""
+        nodes = np.repeat(self.roots[np.newaxis, :], rows.shape[0], axis=0)
+        row_index = np.arange(rows.shape[0])[:, np.newaxis]
+        while True:
+            internal = ~self.is_leaf[nodes]
+            if not internal.any():
+                break
+            # float32 value against float64 threshold, compared in float64, as Tree.apply does
+            left = rows[row_index, self.safe_feature[nodes]] <= self.threshold[nodes]
+            nodes = np.where(internal, np.where(left, self.left[nodes], self.right[nodes]), nodes)
+        # Sequential sum over the trees in their order (cumsum), as the forest accumulates them.
+        total = np.cumsum(self.value[nodes], axis=1)[:, -1, :]
+        total /= self.n_trees
+        return total
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded version, ready to score ``[rows, 13]`` float64 arrays."""
@@ -50,6 +106,7 @@ class ServedModel:
     _trees: tuple[Any, ...] = field(default=(), repr=False)
     _mean: np.ndarray | None = field(default=None, repr=False)
     _scale: np.ndarray | None = field(default=None, repr=False)
+    _packed: PackedTrees | None = field(default=None, repr=False)
 
     @property
     def probability_names(self) -> tuple[str, ...]:
@@ -64,6 +121,8 @@ class ServedModel:
         scaled = values - self._mean
         scaled /= self._scale
         rows = np.ascontiguousarray(scaled, dtype=np.float32)
+        if rows.shape[0] <= PACKED_ROWS:
+            return self._packed.predict_proba(rows)
         n_classes = len(self.class_values)
         total = np.zeros((rows.shape[0], n_classes))
         for tree in self._trees:
@@ -129,6 +188,7 @@ def prepare(bundle: Bundle, check_rows: np.ndarray) -> ServedModel:
         _trees=parts[0] if parts else (),
         _mean=parts[1] if parts else None,
         _scale=parts[2] if parts else None,
+        _packed=PackedTrees(parts[0], len(classes)) if parts else None,
     )
     frame = pd.DataFrame(check_rows, columns=list(FEATURE_COLUMNS))
     expected = batch_score(bundle, frame)
