@@ -640,7 +640,7 @@ def test_a_fuzz_of_the_openapi_schema_finds_no_server_error(server, tmp_path):
             "--seed",
             "12345",
             "--workers",
-            "2",
+            "1",  # hypothesis' strategy set-up is not thread-safe: two workers crashed it once
             "--no-shrink",
             "--phases",
             "examples,coverage,fuzzing",
