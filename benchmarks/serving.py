@@ -255,7 +255,12 @@ def start_mlflow(python: Path, registry: Path, folder: Path) -> Running:
             "1",
         ],
         folder,
-        {**os.environ, "MLFLOW_TRACKING_URI": f"file://{folder / 'mlruns'}"},
+        # mlflow runs `uvicorn` by name: the bench venv's bin comes first on PATH
+        {
+            **os.environ,
+            "PATH": f"{python.parent}:{os.environ.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": f"file://{folder / 'mlruns'}",
+        },
         port,
         "/invocations",
     )
