@@ -255,14 +255,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = params.serving
     from wine_assets.serving import server
 
-    server.run(
-        params,
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else settings.port,
-        workers=args.workers if args.workers is not None else settings.workers,
-        graceful_seconds=args.graceful_seconds,
-        access_log=args.access_log,
-    )
+    if (args.workers or 1) > 64:
+        raise CliError("--workers: at most 64", EXIT_BAD_INPUT)
+    if args.graceful_seconds < 0:
+        raise CliError("--graceful-seconds: 0 or more", EXIT_BAD_INPUT)
+    try:
+        server.run(
+            params,
+            host=args.host or settings.host,
+            port=args.port if args.port is not None else settings.port,
+            workers=args.workers if args.workers is not None else settings.workers,
+            graceful_seconds=args.graceful_seconds,
+            access_log=args.access_log,
+        )
+    except server.ServeError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     return EXIT_OK
 
 

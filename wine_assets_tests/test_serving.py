@@ -105,31 +105,39 @@ def start_server(folder: Path, workers: int = 1, wait_ready: bool = True, **serv
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"reload_interval_seconds": POLL, "log_path": "predictions.sqlite", **serving}
     (folder / "params.yaml").write_text(yaml.safe_dump({"paths": {"registry_dir": "registry"}, "serving": settings}))
-    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    argv = [
-        str(BIN / "wine-assets"),
-        "--params",
-        "params.yaml",
-        "serve",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
-    process = start_in_group(argv, folder / "serve.log", cwd=folder, env=env)
-    server = Server(process, f"http://127.0.0.1:{port}", folder, folder / "serve.log")
-    try:
-        wait_for(server, "/v2/health/ready" if wait_ready else "/v2/health/live", timeout=90)
-        deadline = time.monotonic() + 90
-        while wait_ready and sum(ready_workers(server.metrics()).values()) < workers:  # every worker, not one
-            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
-            time.sleep(0.1)
-    except BaseException:
+    for attempt in range(3):
+        # A free port can be taken by another xdist worker's server before ours binds it: then ours
+        # exits, or the workers answering are not ours; either way, another port.
+        port = free_port()
+        argv = [str(BIN / "wine-assets"), "--params", "params.yaml", "serve", "--port", str(port)]
+        process = start_in_group([*argv, "--workers", str(workers)], folder / "serve.log", cwd=folder, env=env)
+        server = Server(process, f"http://127.0.0.1:{port}", folder, folder / "serve.log")
+        try:
+            wait_for(server, "/v2/health/ready" if wait_ready else "/v2/health/live", timeout=90)
+            deadline = time.monotonic() + 90
+            while wait_ready and sum(ready_workers(server.metrics()).values()) < workers:  # every worker, not one
+                assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+                time.sleep(0.1)
+            if all(_in_group(int(pid), process.pid) for pid in ready_workers(server.metrics())):
+                return server
+        except AssertionError:
+            if attempt == 2 or "address already in use" not in server.log.read_text():
+                stop_group(process)
+                raise
+        except BaseException:
+            stop_group(process)
+            raise
         stop_group(process)
-        raise
-    return server
+    raise AssertionError(f"no free port could be kept for the server:\n{server.log.read_text()[-2000:]}")
+
+
+def _in_group(pid: int, group: int) -> bool:
+    try:
+        return os.getpgid(pid) == group
+    except ProcessLookupError:
+        return False
 
 
 def wait_for(server: Server, path: str, timeout: float, status: int = 200) -> None:
@@ -587,6 +595,46 @@ BAD_REQUESTS = [
         "RESOURCE_DOES_NOT_EXIST",
         "no prediction with id 'nope-0'",
     ),
+    (
+        "4301-digit integer",
+        "POST",
+        "/invocations",
+        JSON_TYPE,
+        b'{"inputs": [[' + b"9" * 4301 + b"]]}",
+        400,
+        "MALFORMED_REQUEST",
+        "not valid JSON",
+    ),
+    (
+        "5000 columns",
+        "POST",
+        "/invocations",
+        {"Content-Type": "text/csv"},
+        (",".join(["a"] * 5000) + "\n").encode(),
+        400,
+        "BAD_REQUEST",
+        "5000 columns; the model has 13",
+    ),
+    (
+        "csv underscore number",
+        "POST",
+        "/invocations",
+        {"Content-Type": "text/csv"},
+        (",".join(FEATURE_COLUMNS) + "\n" + ",".join(map(str, _with(12, "1_050")))).encode(),
+        400,
+        "BAD_REQUEST",
+        "column 'proline', row 0: '1_050' is not a number",
+    ),
+    (
+        "v2 three dimensions",
+        "POST",
+        f"{MODEL}/infer",
+        JSON_TYPE,
+        _tensor([[ROW]], (1, 1, 13)),
+        400,
+        "BAD_REQUEST",
+        "more than two dimensions",
+    ),
     ("feedback shape", "POST", "/feedback", JSON_TYPE, {"id": "x"}, 400, "BAD_REQUEST", "prediction_id"),
 ]
 
@@ -608,6 +656,38 @@ def test_bad_requests_get_a_json_error_with_status_code_and_message(
     assert error["error_code"] == code
     assert words in error["message"], error["message"]
     assert error["error"] == error["message"]
+
+
+def test_concurrent_and_repeated_feedback_is_recorded_and_counted_once(server, wines):
+    features = wines[list(FEATURE_COLUMNS)].iloc[:40]
+    truth = wines["target"].iloc[:40].tolist()
+    with server.client() as client:
+        predictions = client.post("/invocations", json={"instances": features.to_numpy().tolist()}).json()
+    ids = [p["prediction_id"] for p in predictions["predictions"]]
+    before = server.metrics()
+    answers: list[httpx.Response] = []
+
+    def send(index: int) -> None:
+        with server.client() as client:
+            for _ in range(2):  # each label twice: the second is answered, not counted again
+                answers.append(client.post("/feedback", json={"prediction_id": ids[index], "true_class": truth[index]}))
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(ids))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(response.status_code for response in answers) == [200] * 80, [a.text for a in answers][:3]
+    after = server.metrics()
+    counted = sum(
+        metric_value(after, "wine_serving_feedback_total", variant="production", outcome=outcome)
+        - metric_value(before, "wine_serving_feedback_total", variant="production", outcome=outcome)
+        for outcome in ("correct", "wrong")
+    )
+    assert counted == 40
+    with sqlite3.connect(server.prediction_log) as connection:
+        stored = dict(connection.execute("SELECT prediction_id, true_class FROM feedback").fetchall())
+    assert [stored[prediction_id] for prediction_id in ids] == truth
 
 
 def test_a_bad_feedback_class_names_the_classes(server):
@@ -814,6 +894,28 @@ def test_a_rollback_is_followed_and_a_tampered_version_is_never_served(tmp_path,
         assert answer.status_code == 200 and answer.json()["model_version"] == 1
         assert pinned.status_code == 503 and "does not match its sha256" in pinned.json()["message"]
         assert "does not match its sha256" in server.log.read_text()
+    finally:
+        stop_group(server.process)
+
+
+def test_a_killed_worker_is_replaced_and_its_gauges_go_with_it(tmp_path, versions):
+    folder = tmp_path / "killed"
+    publish(folder / "registry", versions, 1)
+    server = start_server(folder, workers=2)
+    try:
+        before = ready_workers(server.metrics())
+        victim = sorted(before)[0]
+        os.kill(int(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            now = ready_workers(server.metrics())
+            if victim not in now and len(now) == 2 and sum(now.values()) == 2:
+                break
+            assert time.monotonic() < deadline, (now, server.log.read_text()[-2000:])
+            time.sleep(0.2)
+        assert victim not in worker_versions(server.metrics())
+        with server.client() as client:
+            assert client.post("/invocations", json={"instances": [ROW]}).status_code == 200
     finally:
         stop_group(server.process)
 
@@ -1062,6 +1164,12 @@ def test_serve_refuses_bad_arguments_and_params_with_exit_2(tmp_path):
     assert bad_params.returncode == 2
     assert "experiment and candidate_version go together" in bad_params.stderr
     assert "Traceback" not in bad_params.stderr
+    (tmp_path / "params.yaml").write_text("serving: {log_path: nothing-here.sqlite}\n")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "params.yaml").write_text("serving: {log_path: a-file/predictions.sqlite}\n")
+    bad_log = subprocess.run([str(BIN / "wine-assets"), "serve"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad_log.returncode == 2 and "serving.log_path: cannot open the prediction log" in bad_log.stderr
+    assert "Traceback" not in bad_log.stderr
     (tmp_path / "params.yaml").write_text("serving: {log_path: nothing-here.sqlite}\n")
     missing_log = subprocess.run(
         [str(BIN / "wine-assets"), "serving", "report"], capture_output=True, text=True, cwd=tmp_path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import subprocess
@@ -15,13 +17,14 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
 from wine_assets.features import fit_scaler, split_frame
+from wine_assets.files import joblib_bytes
 from wine_assets.ingestion import load_builtin_frame
-from wine_assets.params import ModelParams, ParamsError, params_from_mapping
+from wine_assets.params import ModelParams, ParamsError, ServingParams, params_from_mapping
 from wine_assets.predict import score
-from wine_assets.registry import Bundle
-from wine_assets.serving import forest, inputs
+from wine_assets.registry import Bundle, ModelRegistry
+from wine_assets.serving import forest, inputs, metrics
 from wine_assets.serving.report import build_report, format_report, two_proportion_test, wilson_interval
-from wine_assets.serving.state import assign, route_fraction
+from wine_assets.serving.state import ServingState, assign, route_fraction
 from wine_assets.training import train_model
 from wine_assets.validation import BOUNDS, FEATURE_COLUMNS
 
@@ -83,6 +86,33 @@ def test_a_model_whose_classes_the_manifest_does_not_name_is_not_served(train):
     bundle = Bundle(1, None, {"class_values": [0, 1], "class_labels": ["a", "b"]}, model, scaler)
     with pytest.raises(forest.VerificationError, match=r"classes \[2\] are not in its manifest"):
         forest.prepare(bundle, random_rows(5))
+
+
+def test_a_version_that_passes_its_checksums_but_cannot_be_unpickled_is_not_served(train, tmp_path):
+    """Say a bundle written by another library version: the watcher counts the failure, keeps
+    serving the old version and does not retry it on every poll."""
+    scaler = fit_scaler(train)
+    model = train_model(train, scaler, ModelParams(n_estimators=5)).model
+    registry = ModelRegistry(tmp_path / "registry")
+    files = {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)}
+    registry.publish(files, MANIFEST)
+    registry.publish({**files, "model.joblib": joblib_bytes(ModelParams())}, MANIFEST, set_production=False)
+    broken = registry.version_dir(2) / "model.joblib"
+    broken.write_bytes(b"\x80\x05not a pickle")
+    manifest_path = registry.version_dir(2) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["model.joblib"]["sha256"] = hashlib.sha256(broken.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    state = ServingState(registry.root, ServingParams(reload_interval_seconds=0.1), retry_seconds=60)
+    failures = metrics.RELOADS.labels("production", "failure")
+    state.poll_once()
+    assert state.production is not None and state.production.version == 1
+    registry.alias_path.write_text("v2\n")
+    before = failures._value.get()
+    state.poll_once()
+    state.poll_once()  # within retry_seconds: not loaded again
+    assert failures._value.get() == before + 1
+    assert state.production.version == 1 and state.last_failure.version == 2
 
 
 # -- input parsing ------------------------------------------------------------------------------------

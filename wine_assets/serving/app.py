@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from wine_assets import __name__ as package_name
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 OUTPUTS = ("predicted_class", "predicted_label", "probabilities")
 INLINE_ROWS = 64  # larger batches are scored on a worker thread so the event loop keeps answering
+INLINE_BODY_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, for the same reason
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SCOPE_KEY = "wine_assets"
 
@@ -107,6 +110,20 @@ class ServingMiddleware:
         info = scope[SCOPE_KEY] = {"request_id": request_id, "model_version": None}
         status = 500
         sent = False
+        finished = False
+
+        def finish() -> None:
+            # At the end of the response body, not of the ASGI call: work scheduled after the
+            # response (shadow scoring) is neither latency nor a request in flight.
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            metrics.IN_FLIGHT.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
+            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
         async def send_with_headers(message: dict) -> None:
             nonlocal status, sent
@@ -119,6 +136,8 @@ class ServingMiddleware:
                 headers["X-Request-ID"] = request_id
                 headers["X-Model-Version"] = "none" if version is None else str(version)
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finish()
 
         metrics.IN_FLIGHT.inc()
         try:
@@ -129,11 +148,7 @@ class ServingMiddleware:
                 error = inputs.RequestError(500, "INTERNAL_ERROR", f"the server failed; request id {request_id}")
                 await error_response(error)(scope, receive, send_with_headers)
         finally:
-            metrics.IN_FLIGHT.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            metrics.REQUESTS.labels(endpoint, scope["method"], str(status)).inc()
-            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+            finish()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -145,15 +160,31 @@ async def read_body(request: Request, limit: int) -> bytes:
         f"the body exceeds {limit} bytes (serving.max_body_bytes): split the request",
         reason="too_large",
     )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared[:20]) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise inputs.RequestError(
+            499,
+            "CLIENT_DISCONNECTED",
+            "the client closed the connection before the body arrived",
+            reason="client_disconnected",
+        ) from None
     return b"".join(chunks)
+
+
+async def parse_off_loop(function: Any, *args: Any) -> Any:
+    """Parse on a worker thread when the body is large, so the event loop keeps answering (health, metrics)."""
+    body = args[0]
+    if isinstance(body, bytes) and len(body) > INLINE_BODY_BYTES:
+        return await run_in_threadpool(function, *args)
+    return function(*args)
 
 
 def _request_info(request: Request) -> dict[str, Any]:
@@ -170,6 +201,8 @@ class Service:
         self.log_path = params.serving_log_path
         self.log: PredictionLog | None = None
         self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
+        self._classes: dict[int, tuple[list[int], list[str]]] = {}
 
     def start(self) -> None:
         if self.log_path is not None:
@@ -183,7 +216,16 @@ class Service:
         if self._reader is not None:
             self._reader.close()
 
-    def reader(self) -> sqlite3.Connection:
+    def find(self, prediction_id: str) -> PredictionRow | None:
+        with self._reader_lock:
+            return find_prediction(self._connection(), prediction_id)
+
+    def record_feedback(self, prediction_id: str, true_class: int) -> tuple[int, bool]:
+        with self._reader_lock:
+            return record_feedback(self._connection(), prediction_id, true_class)
+
+    def _connection(self) -> sqlite3.Connection:
+        # one connection for the feedback handlers of this worker, used under _reader_lock
         if self._reader is None:
             assert self.log_path is not None
             self._reader = connect(self.log_path)
@@ -426,7 +468,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
 
     @app.exception_handler(inputs.RequestError)
     async def _request_error(_: Request, error: inputs.RequestError) -> Response:
-        if error.reason not in ("not_ready", "not_found"):
+        if error.reason not in ("not_ready", "not_found", "unavailable", "client_disconnected"):
             metrics.REJECTED_ROWS.labels(error.reason).inc(max(error.rows, 1))
         return error_response(error)
 
@@ -461,9 +503,9 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
             return await run_in_threadpool(service.state.pinned, version)
         except (VersionNotFound, InvalidVersion) as exc:
             raise inputs.RequestError(404, "RESOURCE_DOES_NOT_EXIST", str(exc), reason="not_found") from None
-        except (RegistryError, OSError, ValueError) as exc:
+        except Exception as exc:  # anything else about that version is the server's problem, not the client's
             raise inputs.RequestError(
-                503, "MODEL_UNAVAILABLE", f"version {version} cannot be served: {exc}", reason="not_found"
+                503, "MODEL_UNAVAILABLE", f"version {version} cannot be served: {exc}", reason="unavailable"
             ) from None
 
     # -- MLflow scoring protocol -------------------------------------------------------------
@@ -499,7 +541,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         if inputs.media_type(content_type) not in (JSON, "text/csv"):
             raise inputs.unsupported_media_type(content_type, (JSON, "text/csv"))
         body = await read_body(request, settings.max_body_bytes)
-        features = inputs.parse_invocations(body, content_type, settings.max_rows)
+        features = await parse_off_loop(inputs.parse_invocations, body, content_type, settings.max_rows)
         chosen, probabilities, ids, background = await service.score(request, features, model, variant, shadow)
         records = model.records(chosen, probabilities)
         for record, prediction_id in zip(records, ids, strict=True):
@@ -565,7 +607,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         if inputs.media_type(content_type) != JSON:
             raise inputs.unsupported_media_type(content_type, (JSON,))
         body = await read_body(request, settings.max_body_bytes)
-        parsed = inputs.parse_infer(inputs.decode_json(body), settings.max_rows, OUTPUTS)
+        parsed = await parse_off_loop(_parse_infer_body, body, settings.max_rows)
         chosen, probabilities, ids, background = await service.score(request, parsed.features, model, variant, shadow)
         rows = parsed.features.rows
         outputs = {
@@ -650,7 +692,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
                 reason="not_found",
             )
         true_class = _class_value(service, found.model_version, label)
-        stored = await run_in_threadpool(record_feedback, service.reader(), prediction_id, true_class)
+        stored, inserted = await run_in_threadpool(service.record_feedback, prediction_id, true_class)
         if stored != true_class:
             raise inputs.RequestError(
                 409,
@@ -659,9 +701,10 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
                 reason="feedback",
             )
         correct = found.predicted_class == true_class
-        metrics.FEEDBACK.labels(found.variant, "correct" if correct else "wrong").inc()
-        if found.shadow_class is not None:
-            metrics.FEEDBACK.labels("shadow", "correct" if found.shadow_class == true_class else "wrong").inc()
+        if inserted:  # the same label sent again is answered, but counted once
+            metrics.FEEDBACK.labels(found.variant, "correct" if correct else "wrong").inc()
+            if found.shadow_class is not None:
+                metrics.FEEDBACK.labels("shadow", "correct" if found.shadow_class == true_class else "wrong").inc()
         return json_response(
             {
                 "prediction_id": prediction_id,
@@ -681,6 +724,10 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
     return ServingMiddleware(app, service.state)
 
 
+def _parse_infer_body(body: bytes, max_rows: int) -> inputs.InferRequest:
+    return inputs.parse_infer(inputs.decode_json(body), max_rows, OUTPUTS)
+
+
 def _log_to_stderr() -> None:
     package_logger = logging.getLogger("wine_assets")
     if not package_logger.handlers:
@@ -692,20 +739,33 @@ def _log_to_stderr() -> None:
 
 
 def _find_logged(service: Service, prediction_id: str) -> PredictionRow | None:
-    """The logged prediction; waits briefly for rows still queued here or in another worker."""
+    """The logged prediction; waits briefly (1 s at most) for rows still queued here or in another worker."""
     assert service.log is not None
-    deadline = time.monotonic() + 2.0
-    service.log.flush(timeout=2.0)
+    found = service.find(prediction_id)
+    if found is not None:
+        return found
+    deadline = time.monotonic() + 1.0
+    service.log.flush(timeout=0.5)  # rows this worker queued before now
     while True:
-        found = find_prediction(service.reader(), prediction_id)
+        found = service.find(prediction_id)
         if found is not None or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
 
 def _class_value(service: Service, version: int, label: Any) -> int:
-    manifest = service.state.registry.manifest(version)
-    values, labels = list(manifest["class_values"]), list(manifest["class_labels"])
+    if version not in service._classes:
+        try:
+            manifest = service.state.registry.manifest(version)
+            service._classes[version] = (list(manifest["class_values"]), list(manifest["class_labels"]))
+        except (RegistryError, OSError, KeyError, ValueError):
+            production = service.state.production  # the version was removed: the classes are the same data's
+            if production is None:
+                raise inputs.RequestError(
+                    503, "MODEL_NOT_READY", "no model is loaded to read the classes from", reason="not_ready"
+                ) from None
+            service._classes[version] = (list(production.class_values), list(production.class_labels))
+    values, labels = service._classes[version]
     if type(label) is int and label in values:
         return label
     if isinstance(label, str) and label in labels:

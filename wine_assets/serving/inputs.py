@@ -23,6 +23,8 @@ import csv
 import io
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,8 @@ MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 FLOAT_TYPES = {"FP16", "FP32", "FP64"}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 MAX_LISTED = 20
+MAX_COLUMNS = 1000  # far more than any real request; bounds the work a header or tensor list can cause
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 class RequestError(Exception):
@@ -116,6 +120,8 @@ def decode_json(body: bytes) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", "malformed", code="MALFORMED_REQUEST") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise bad_request(f"the body is not valid JSON: {exc}", "malformed", code="MALFORMED_REQUEST") from None
     except RecursionError:
         raise bad_request("the JSON is nested too deeply", "malformed", code="MALFORMED_REQUEST") from None
 
@@ -147,7 +153,7 @@ def _number(value: Any, column: str, row: int, rows: int, integers_only: bool = 
             "type",
             rows,
         )
-    shown = json.dumps(value)[:40]
+    shown = repr(value) if kind is float else {list: "a list", dict: "an object"}.get(kind, type(value).__name__)
     raise bad_request(f"column '{column}', row {row}: {shown} is not {expected}", "type", rows)
 
 
@@ -196,10 +202,12 @@ def _from_positional(rows_data: list[Any], where: str, max_rows: int) -> np.ndar
 
 
 def _columns_positions(columns: list[Any], where: str, rows: int) -> tuple[list[int | None], list[str]]:
-    names = [str(name) for name in columns]
+    if len(columns) > MAX_COLUMNS:
+        raise bad_request(f"{where}: {len(columns)} columns; the model has {N_FEATURES}", "shape", rows)
     if not all(isinstance(name, str) for name in columns):
         raise bad_request(f"{where}: column names must be strings", "shape", rows)
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    names = list(columns)
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise bad_request(f"{where}: column(s) {', '.join(repeated)} appear more than once", "duplicate_column", rows)
     missing = [name for name in FEATURE_COLUMNS if name not in names]
@@ -344,8 +352,8 @@ def parse_csv(body: bytes, max_rows: int) -> Features:
         )
     header, data = [name.strip() for name in lines[0]], lines[1:]
     rows = len(data)
-    _rows_limit(rows, max_rows)
     positions, warnings = _columns_positions(header, "the CSV", rows)
+    _rows_limit(rows, max_rows)
     values = np.empty((rows, N_FEATURES))
     for row, cells in enumerate(data):
         if len(cells) != len(header):
@@ -356,12 +364,14 @@ def parse_csv(body: bytes, max_rows: int) -> Features:
             cell = cell.strip()
             if not cell:
                 raise bad_request(f"column '{name}', row {row}: the value is missing (an empty cell)", "null", rows)
-            try:
-                number = float(cell)
-            except ValueError:
-                raise bad_request(f"column '{name}', row {row}: {cell[:40]!r} is not a number", "type", rows) from None
-            if not math.isfinite(number):
+            if cell.lower().lstrip("+-") in ("nan", "inf", "infinity"):
                 raise bad_request(f"column '{name}', row {row}: {cell!r} is not a finite number", "type", rows)
+            # float() would also take '1_000' and non-ASCII digits: only plain decimal notation is a number here
+            if not _NUMBER.fullmatch(cell) or not cell.isascii():
+                raise bad_request(f"column '{name}', row {row}: {cell[:40]!r} is not a number", "type", rows)
+            number = float(cell)
+            if not math.isfinite(number):
+                raise bad_request(f"column '{name}', row {row}: {cell[:40]!r} is too large for a float", "type", rows)
             values[row, position] = number
     return check_bounds(values, warnings)
 
@@ -446,6 +456,8 @@ def _tensor(spec: Any, index: int) -> tuple[str, list[int], str, list[Any]]:
             f"{where}: datatype {json.dumps(datatype)[:30]} is not numeric; use FP64, FP32 or an integer type", "type"
         )
     shape = _shape(spec["shape"], where)
+    if len(shape) > 2:
+        raise bad_request(f"{where}: shape {shape[:8]} has more than two dimensions; use [N, 13] or [N]", "shape")
     data = _flatten(spec["data"], shape, where)
     expected = math.prod(shape)
     if len(data) != expected:
@@ -489,9 +501,11 @@ def parse_infer(document: Any, max_rows: int, output_names: tuple[str, ...]) -> 
                 value, FEATURE_COLUMNS[position % N_FEATURES], position // N_FEATURES, rows, integers_only
             )
         return InferRequest(check_bounds(values), request_id, outputs)
+    if len(inputs) > MAX_COLUMNS:
+        raise bad_request(f"{len(inputs)} inputs; the model takes one [N, {N_FEATURES}] or {N_FEATURES} [N]", "shape")
     tensors = [_tensor(spec, index) for index, spec in enumerate(inputs)]
     names = [name for name, _, _, _ in tensors]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise bad_request(f"input(s) {', '.join(repeated)} appear more than once", "duplicate_column")
     unknown_names = [name for name in names if name not in _POSITION]

@@ -14,7 +14,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,38 +64,47 @@ def connect(path: Path, timeout: float = 10.0) -> sqlite3.Connection:
 
 
 class PredictionLog:
-    """Queue prediction rows; a daemon thread writes them in batches every ``interval`` seconds."""
+    """Queue prediction rows; a daemon thread writes them in batches every ``interval`` seconds.
 
-    def __init__(self, path: Path, interval: float = 0.05, on_error=None):
+    A batch that cannot be written (the file locked by another worker for longer than the busy
+    timeout, a full disk) is retried a few times before it is dropped and counted (``on_error``).
+    """
+
+    RETRIES = 5
+
+    def __init__(self, path: Path, interval: float = 0.05, on_error: Callable[[int], None] | None = None):
         self.path = path
         self.interval = interval
-        self._queue: queue.Queue[PredictionRow | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, PredictionRow] | None] = queue.Queue()
         self._on_error = on_error
+        self._appended = 0  # rows queued so far
+        self._done = 0  # rows written (or dropped) so far, in queue order
+        self._progress = threading.Condition()
         connect(path).close()  # a bad path fails at start-up, naming the file
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 
     def append(self, rows: Iterable[PredictionRow]) -> None:
         for row in rows:
-            self._queue.put(row)
+            self._appended += 1
+            self._queue.put((self._appended, row))
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every row queued so far is written (or ``timeout`` passes)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the rows queued before this call are written; False if ``timeout`` passed first."""
+        target = self._appended
+        with self._progress:
+            return self._progress.wait_for(lambda: self._done >= target, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        connection = connect(self.path)
+        connection: sqlite3.Connection | None = None
         stop = False
         while not stop:
-            batch: list[PredictionRow] = []
+            batch: list[tuple[int, PredictionRow]] = []
             item = self._queue.get()
-            taken = 1
             if item is None:
                 stop = True
             else:
@@ -106,22 +115,34 @@ class PredictionLog:
                     item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     break
-                taken += 1
                 if item is None:
                     stop = True
                 else:
                     batch.append(item)
+            if batch:
+                connection = self._write(connection, [row for _, row in batch])
+                with self._progress:
+                    self._done = batch[-1][0]
+                    self._progress.notify_all()
+        if connection is not None:
+            connection.close()
+
+    def _write(self, connection: sqlite3.Connection | None, rows: list[PredictionRow]) -> sqlite3.Connection | None:
+        for attempt in range(self.RETRIES):
             try:
-                if batch:
-                    _insert(connection, batch)
-            except sqlite3.Error as exc:
-                logger.error("could not write %d prediction(s) to %s: %s", len(batch), self.path, exc)
-                if self._on_error:
-                    self._on_error(len(batch))
-            finally:
-                for _ in range(taken):
-                    self._queue.task_done()
-        connection.close()
+                connection = connection or connect(self.path)
+                _insert(connection, rows)
+                return connection
+            except Exception as exc:  # the writer thread must outlive any one bad batch
+                last = exc
+                if connection is not None:
+                    connection.close()
+                    connection = None
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+        logger.error("dropped %d prediction(s): could not write them to %s: %s", len(rows), self.path, last)
+        if self._on_error:
+            self._on_error(len(rows))
+        return None
 
 
 def _insert(connection: sqlite3.Connection, rows: list[PredictionRow]) -> None:
@@ -156,12 +177,17 @@ def find_prediction(connection: sqlite3.Connection, prediction_id: str) -> Predi
     return None if found is None else PredictionRow(*found)
 
 
-def record_feedback(connection: sqlite3.Connection, prediction_id: str, true_class: int) -> int:
-    """Store the label once; the label already stored (equal to ``true_class`` unless a conflict)."""
+def record_feedback(connection: sqlite3.Connection, prediction_id: str, true_class: int) -> tuple[int, bool]:
+    """Store the label once: (the label stored, whether this call stored it).
+
+    The connection must not be used by another thread meanwhile (callers hold a lock).
+    """
     with connection:
         connection.execute("BEGIN IMMEDIATE")
-        connection.execute("INSERT OR IGNORE INTO feedback VALUES (?, ?, ?)", (prediction_id, true_class, time.time()))
+        inserted = connection.execute(
+            "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?)", (prediction_id, true_class, time.time())
+        ).rowcount
         (stored,) = connection.execute(
             "SELECT true_class FROM feedback WHERE prediction_id = ?", (prediction_id,)
         ).fetchone()
-    return int(stored)
+    return int(stored), inserted == 1

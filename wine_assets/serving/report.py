@@ -146,6 +146,9 @@ def build_report(rows: list[tuple], experiment: str | None, min_labelled: int, a
     mode = "shadow" if shadow_rows else ("split" if "candidate" in by_variant else "none")
     variants = [_summary(name, by_variant[name]) for name in sorted(by_variant)]
     if shadow_rows:
+        # Shadow compares the two on the same requests: production counted on the rows the shadow scored too.
+        variants = [summary for summary in variants if summary.variant != "production"]
+        variants.append(_summary("production", [(v, p, true) for v, p, _, _, true in shadow_rows]))
         variants.append(_summary("shadow", [(sv, sc, true) for _, _, sv, sc, true in shadow_rows]))
     report = ServingReport(experiment, mode, variants)
     named = {summary.variant: summary for summary in variants}
@@ -202,7 +205,11 @@ def build_report(rows: list[tuple], experiment: str | None, min_labelled: int, a
         report.decision = "no decision: too few labelled predictions"
     elif p_value >= alpha:
         report.decision = f"no significant difference (p = {p_value:.3g} >= {alpha}): keep production"
-    elif (challenger.accuracy or 0) > (production.accuracy or 0):
+    elif (
+        report.comparison["only_shadow_correct"] > report.comparison["only_production_correct"]
+        if mode == "shadow"
+        else (challenger.accuracy or 0) > (production.accuracy or 0)
+    ):
         report.decision = f"the candidate is more accurate (p = {p_value:.3g} < {alpha})"
     else:
         report.decision = f"the candidate is less accurate (p = {p_value:.3g} < {alpha}): keep production"
@@ -213,7 +220,8 @@ def format_report(report: ServingReport) -> str:
     def share(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = [f"experiment: {report.experiment or '(none)'}    mode: {report.mode}", ""]
+    experiment = report.experiment or "(none named: every prediction in the log, pinned versions included)"
+    lines = [f"experiment: {experiment}    mode: {report.mode}", ""]
     header = ("variant", "versions", "predictions", "labelled", "accuracy", "95% interval")
     rows = [header] + [
         (

@@ -37,11 +37,32 @@ def prepare_metrics_dir(folder: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="wine-serving-metrics-"))
 
 
+class ServeError(Exception):
+    """The server cannot start; the message says what to fix."""
+
+
+def check_log(params: Params) -> None:
+    """Open the prediction log once before any worker starts: a bad path is one clear error, not a
+    worker that uvicorn restarts over and over."""
+    path = params.serving_log_path
+    if path is None:
+        return
+    import sqlite3
+
+    from wine_assets.serving.log import connect
+
+    try:
+        connect(path).close()
+    except (OSError, sqlite3.Error) as exc:
+        raise ServeError(f"serving.log_path: cannot open the prediction log {path}: {exc}") from None
+
+
 def run(
     params: Params, host: str, port: int, workers: int, graceful_seconds: float = 30.0, access_log: bool = False
 ) -> None:
     if params.source_file is not None:
         os.environ[PARAMS_ENV_VAR] = str(params.source_file.resolve())
+    check_log(params)
     chosen = os.environ.get(MULTIPROC_ENV)
     metrics_dir = prepare_metrics_dir(chosen)
     os.environ[MULTIPROC_ENV] = str(metrics_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wine_assets.params import ServingParams
-from wine_assets.registry import ModelRegistry, RegistryError, VersionNotFound
+from wine_assets.registry import ModelRegistry, RegistryError, VersionNotFound, parse_version
 from wine_assets.serving import forest, metrics
 from wine_assets.serving.forest import ServedModel
 
@@ -71,6 +71,7 @@ class ServingState:
         self._failed: tuple[int | None, float] | None = None
         self._pinned: OrderedDict[int, ServedModel] = OrderedDict()
         self._pinned_lock = threading.Lock()
+        self._pinned_failures: dict[int, LoadFailure] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,7 +122,7 @@ class ServingState:
             return
         try:
             served = forest.load(self.registry.root, wanted)
-        except (RegistryError, OSError, ValueError, KeyError, EOFError, ImportError, AttributeError) as exc:
+        except Exception as exc:  # whatever a bad bundle raises (unpickling, another library version), it is not served
             self._failed = (wanted, time.monotonic() + self.retry_seconds)
             self._fail(PRODUCTION, wanted, str(exc))
             return
@@ -146,7 +147,7 @@ class ServingState:
             return
         try:
             self.candidate = forest.load(self.registry.root, version)
-        except (RegistryError, OSError, ValueError, KeyError, EOFError, ImportError, AttributeError) as exc:
+        except Exception as exc:
             self.candidate_failure = LoadFailure(version, str(exc), time.monotonic())
             metrics.RELOADS.labels(CANDIDATE, "failure").inc()
             logger.error("candidate v%s is not served: %s", version, exc)
@@ -174,9 +175,11 @@ class ServingState:
         return production, PRODUCTION, None
 
     def pinned(self, version_text: str) -> ServedModel:
-        """A version asked for by number in the URL, loaded once (verified) and kept in a small cache."""
-        from wine_assets.registry import parse_version
+        """A version asked for by number in the URL: loaded once (verified), kept in a small cache.
 
+        Loads are serialized, so concurrent requests for a version load it once; a version that
+        failed is not tried again for ``retry_seconds`` (the failure is raised again instead).
+        """
         number = parse_version(version_text)  # InvalidVersion for text that is not a version
         for model in (self.production, self.candidate):
             if model is not None and model.version == number:
@@ -186,11 +189,18 @@ class ServingState:
             if cached is not None:
                 self._pinned.move_to_end(number)
                 return cached
-        if number not in self.registry.versions():
-            raise VersionNotFound(f"version v{number} is not in the registry")
-        served = forest.load(self.registry.root, number)
-        with self._pinned_lock:
+            failed = self._pinned_failures.get(number)
+            if failed is not None and time.monotonic() < failed.at + self.retry_seconds:
+                raise RegistryError(failed.message)
+            if number not in self.registry.versions():
+                raise VersionNotFound(f"version v{number} is not in the registry")
+            try:
+                served = forest.load(self.registry.root, number)
+            except Exception as exc:
+                self._pinned_failures[number] = LoadFailure(number, str(exc), time.monotonic())
+                raise
+            self._pinned_failures.pop(number, None)
             self._pinned[number] = served
             while len(self._pinned) > PINNED_CACHE_SIZE:
                 self._pinned.popitem(last=False)
-        return served
+            return served
