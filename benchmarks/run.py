@@ -652,6 +652,22 @@ def replace_section(text: str, heading: str, lines: list[str]) -> str:
     return "\n".join(body).rstrip() + "\n"
 
 
+def only_section(command: str, output: Path, heading: str, measure: Callable[[Path], list[str]]) -> int:
+    """Measure one section alone and replace it in the existing results file."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
+        lines = measure(Path(scratch))
+    lines[1:1] = [
+        "",
+        f"Measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+        f"in {(time.time() - started) / 60:.1f} minutes (the other sections by the run named above).",
+    ]
+    previous = output.read_text() if output.exists() else ""
+    output.write_text(replace_section(previous, heading, lines))
+    print(f"section {heading.split('.')[0].lstrip('# ')} written to {output}")
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -687,33 +703,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     if args.only_serving:
-        started = time.time()
-        with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
-            lines = serving(Path(scratch), smoke=args.smoke)
-        lines[1:1] = [
-            "",
-            f"Measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-            f"in {(time.time() - started) / 60:.1f} minutes (the other sections by the run named above).",
-        ]
-        previous = args.output.read_text() if args.output.exists() else ""
-        args.output.write_text(replace_section(previous, SERVING_HEADING, lines))
-        print(f"section 5 written to {args.output}")
-        return 0
+        return only_section(command, args.output, SERVING_HEADING, lambda tmp: serving(tmp, smoke=args.smoke))
     if args.only_scaleout:
         if servers_missing():
             parser.error(f"section 4 needs {', '.join(servers_missing())} (apt-get install postgresql redis-server)")
-        started = time.time()
-        with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
-            lines = scaleout(Path(scratch), 2, 2, 1, [10**5, 10**6])
-        lines[1:1] = [
-            "",
-            f"Measured by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-            f"in {(time.time() - started) / 60:.1f} minutes (the other sections by the run named above).",
-        ]
-        previous = args.output.read_text() if args.output.exists() else ""
-        args.output.write_text(replace_section(previous, SCALEOUT_HEADING, lines))
-        print(f"section 4 written to {args.output}")
-        return 0
+        return only_section(command, args.output, SCALEOUT_HEADING, lambda tmp: scaleout(tmp, 2, 2, 1, [10**5, 10**6]))
     if args.smoke:
         # No multiprocess run: a process per step is a minute of imports that measures nothing
         # here, and test_cli runs the same command with the multiprocess executor.
