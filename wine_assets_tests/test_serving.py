@@ -893,6 +893,8 @@ def test_a_rollback_is_followed_and_a_tampered_version_is_never_served(tmp_path,
             pinned = client.post(f"{MODEL}/versions/2/infer", json=_tensor(ROW))
         assert answer.status_code == 200 and answer.json()["model_version"] == 1
         assert pinned.status_code == 503 and "does not match its sha256" in pinned.json()["message"]
+        assert "wine-classifier/v2: model.joblib does not match its sha256" in pinned.json()["message"]
+        assert str(server.registry) not in pinned.json()["message"]  # no path of the machine's
         assert "does not match its sha256" in server.log.read_text()
     finally:
         stop_group(server.process)

@@ -80,9 +80,14 @@ def error_response(error: inputs.RequestError) -> Response:
     return json_response(error.body(), error.status, error.headers)
 
 
+def public(state: ServingState, message: str) -> str:
+    """A server-side message for a client: file paths relative to the registry, not the machine's."""
+    return message.replace(f"{state.registry.root.resolve()}/", "").replace(f"{state.registry.root}/", "")
+
+
 def not_ready(state: ServingState) -> inputs.RequestError:
     failure = state.last_failure
-    detail = f" (the last load failed: {failure.message})" if failure else ""
+    detail = f" (the last load failed: {public(state, failure.message)})" if failure else ""
     return inputs.RequestError(
         503,
         "MODEL_NOT_READY",
@@ -505,7 +510,10 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
             raise inputs.RequestError(404, "RESOURCE_DOES_NOT_EXIST", str(exc), reason="not_found") from None
         except Exception as exc:  # anything else about that version is the server's problem, not the client's
             raise inputs.RequestError(
-                503, "MODEL_UNAVAILABLE", f"version {version} cannot be served: {exc}", reason="unavailable"
+                503,
+                "MODEL_UNAVAILABLE",
+                f"version {version} cannot be served: {public(service.state, str(exc))}",
+                reason="unavailable",
             ) from None
 
     # -- MLflow scoring protocol -------------------------------------------------------------
