@@ -42,7 +42,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run validate train release serve test test-quick bench dev services services-down worker clean clean-all
+.PHONY: help install lock run validate train release experiments serve test test-quick bench dev services services-down worker clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -99,6 +99,12 @@ train: $(STAMP) $(DAGSTER_YAML) ## split, scale, train, evaluate and plot (needs
 release: $(STAMP) $(DAGSTER_YAML) ## re-check the stored evaluation and publish to the registry
 	$(WITH_SERVICES) $(BIN)/dagster job execute -m wine_assets -j release_job $(RUN_CONFIG)
 	@$(BIN)/wine-assets registry show
+
+# The experiment grid (README "Experiments"): every dataset and variant of the params' experiments
+# section as Dagster runs on the same instance, EXPERIMENT_WORKERS variant partitions at a time.
+EXPERIMENT_WORKERS ?= $(shell getconf _NPROCESSORS_ONLN)
+experiments: $(STAMP) $(DAGSTER_YAML) ## every dataset x model variant, the leaderboards and the champion decision
+	$(WITH_SERVICES) $(BIN)/wine-assets experiment run --workers $(EXPERIMENT_WORKERS)
 
 # The HTTP API over the registry's production version (README "Serving"); SERVE_PORT and
 # SERVE_WORKERS override the params file's serving.port and serving.workers.

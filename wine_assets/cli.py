@@ -290,6 +290,63 @@ def cmd_serving_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _grid_error(exc: Exception) -> CliError:
+    return CliError(str(exc), EXIT_BAD_INPUT)
+
+
+def cmd_experiment_run(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from wine_assets.experiments import format_results, read_results
+    from wine_assets.pipeline.grid import GridError, run_grid
+
+    try:
+        outcome = run_grid(args.params, workers=args.workers, datasets=args.dataset)
+    except (GridError, ParamsError) as exc:
+        raise _grid_error(exc) from exc
+    seconds = {run.job: 0.0 for run in outcome.runs}
+    for run in outcome.runs:
+        seconds[run.job] += run.seconds
+    for dataset in outcome.decided:
+        _out(format_results(dataset, *read_results(params, dataset)))
+    failed = [run for run in outcome.runs if not run.success]
+    _out(
+        f"{len(outcome.runs)} runs ({len(failed)} failed) on DAGSTER_HOME; "
+        + ", ".join(f"{job} {total:.1f} s" for job, total in seconds.items())
+    )
+    for dataset, why in outcome.blocked.items():
+        sys.stderr.write(f"wine-assets: error: dataset {dataset!r} not compared: {why}\n")
+    return EXIT_OK if outcome.success else EXIT_FAILED
+
+
+def cmd_experiment_show(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from wine_assets.experiments import format_results, read_results
+
+    names = args.dataset or list(params.experiments.datasets)
+    for name in names:
+        if name not in params.experiments.datasets:
+            raise CliError(f"no dataset {name!r} in experiments.datasets of {params.origin}", EXIT_BAD_INPUT)
+        _out(format_results(name, *read_results(params, name)))
+    return EXIT_OK
+
+
+def cmd_experiment_release(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from wine_assets.pipeline.grid import GridError, release_winner
+
+    try:
+        run = release_winner(args.params, args.dataset)
+    except (GridError, ParamsError) as exc:
+        raise _grid_error(exc) from exc
+    if not run.success:
+        raise CliError(f"nothing released from dataset {args.dataset!r}: {run.problem} (run {run.run_id})")
+    registry = ModelRegistry(params.registry_dir)
+    manifest = registry.manifest(max(registry.versions()))
+    _out(f"released {manifest['variant']['name']} from {args.dataset} as v{manifest['version']}")
+    _out(f"production is v{registry.production_version()}")
+    return EXIT_OK
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
@@ -440,6 +497,29 @@ def build_parser() -> argparse.ArgumentParser:
     serving_report.add_argument("--alpha", type=_share, default=0.05, help="significance level (default: 0.05)")
     serving_report.add_argument("--json", action="store_true", help="print the report as JSON")
     serving_report.set_defaults(handler=cmd_serving_report)
+
+    experiment = commands.add_parser(
+        "experiment", help="model variants on datasets: run the grid, show results, release a winner"
+    )
+    experiment_commands = experiment.add_subparsers(dest="experiment_command", metavar="ACTION", required=True)
+    grid = experiment_commands.add_parser(
+        "run",
+        help="materialize every dataset, variant and decision of experiments in params (needs DAGSTER_HOME)",
+    )
+    grid.add_argument(
+        "--workers", type=_positive, default=1, help="variant partitions run at once, in processes (default: 1)"
+    )
+    grid.add_argument("--dataset", action="append", help="only this dataset (repeatable; default: all)")
+    grid.set_defaults(handler=cmd_experiment_run)
+    shown = experiment_commands.add_parser("show", help="the last leaderboard and decision per dataset")
+    shown.add_argument("--dataset", action="append", help="only this dataset (repeatable; default: all)")
+    shown.set_defaults(handler=cmd_experiment_show)
+    released = experiment_commands.add_parser(
+        "release",
+        help="publish a dataset's winning challenger (blocked by the challenger_won check when production stays)",
+    )
+    released.add_argument("--dataset", required=True, help="the dataset whose decision to act on")
+    released.set_defaults(handler=cmd_experiment_release)
     return parser
 
 

@@ -17,13 +17,29 @@ and also passes the accuracy gate on the holdout; otherwise, and on a tie, the c
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
+from sklearn.base import ClassifierMixin
 from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from wine_assets.evaluation import _figure, _png, evaluate
+from wine_assets.features import fit_scaler, frame_digest, split_frame
+from wine_assets.files import joblib_bytes, sha256_file
+from wine_assets.params import CHAMPION_VARIANT, Params
+from wine_assets.registry import MODEL_FILE, SCALER_FILE, PublishResult
+from wine_assets.release import ReleaseError, release
+from wine_assets.training import build_estimator, build_model, fit_estimator
+from wine_assets.validation import TARGET_COLUMN
 
 
 @dataclass(frozen=True)
@@ -156,3 +172,335 @@ def decide(
             candidates.append(name)
     winner = max(candidates, key=lambda name: (tests[name].mean_difference, name)) if candidates else champion
     return Decision(champion=champion, winner=winner, tests=tests, adjusted_p_values=adjusted, reasons=reasons)
+
+
+# -- variants and the cross-validated score of one (dataset, variant) partition --
+@dataclass(frozen=True)
+class Variant:
+    """A named estimator configuration; ``production`` is the params' model section."""
+
+    name: str
+    family: str
+    hyperparameters: dict[str, Any]
+
+    def build(self, params: Params) -> ClassifierMixin:
+        if self.name == CHAMPION_VARIANT:
+            return build_model(params.model)  # the very estimator training_job fits
+        return build_estimator(self.family, dict(self.hyperparameters))
+
+
+def variants_of(params: Params) -> dict[str, Variant]:
+    """Production first, then the declared challengers in the file's order."""
+    production = params.model.model_dump(exclude={"dask_scheduler"})
+    found = {CHAMPION_VARIANT: Variant(CHAMPION_VARIANT, "random_forest", production)}
+    for name, spec in params.experiments.variants.items():
+        found[name] = Variant(name, spec["family"], {key: value for key, value in spec.items() if key != "family"})
+    return found
+
+
+def protocol_of(params: Params) -> Protocol:
+    return Protocol(folds=params.experiments.folds, repeats=params.experiments.repeats, seed=params.experiments.seed)
+
+
+@dataclass
+class VariantScores:
+    """One experiment partition: per-fold accuracy on the shared folds, and the holdout fit."""
+
+    dataset: str
+    variant: str
+    family: str
+    hyperparameters: dict[str, Any]
+    folds: int
+    repeats: int
+    seed: int
+    fold_scores: list[float]
+    mean: float
+    interval: tuple[float, float]  # corrected for overlapping training sets, like the test
+    n_train: int  # rows a fold trains on
+    n_test: int  # rows a fold scores
+    fit_seconds: float  # median over the folds
+    holdout_metrics: dict[str, Any]  # the same split and evaluation as training_job
+    model_bytes: int
+
+    @property
+    def holdout_accuracy(self) -> float:
+        return float(self.holdout_metrics["accuracy"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VariantScores:
+        names = {item.name for item in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
+        values["interval"] = tuple(values["interval"])
+        return cls(**values)
+
+
+@dataclass
+class FittedVariant:
+    scores: VariantScores
+    model: ClassifierMixin  # fitted on the training rows of the holdout split, as training_job does
+    scaler: StandardScaler
+
+
+def score_variant(frame: pd.DataFrame, dataset: str, variant: Variant, params: Params) -> FittedVariant:
+    """Cross-validate ``variant`` on the training rows of the pipeline's own split, then fit it on
+    all of them and evaluate on the holdout, with the stage functions training_job uses."""
+    train, test = split_frame(frame, params.data.test_size, params.data.random_state)
+    protocol = protocol_of(params)
+    scores, seconds = [], []
+    n_train = n_test = 0
+    for fold_train_index, fold_test_index in protocol.splits(train[TARGET_COLUMN].to_numpy()):
+        fold_train, fold_test = train.iloc[fold_train_index], train.iloc[fold_test_index]
+        fold_scaler = fit_scaler(fold_train)  # fitted on the fold's training rows only
+        fitted = fit_estimator(fold_train, fold_scaler, variant.build(params))
+        scores.append(float(evaluate(fitted.model, fold_scaler, fold_train, fold_test)["accuracy"]))
+        seconds.append(fitted.seconds)
+        n_train, n_test = len(fold_train), len(fold_test)
+    scaler = fit_scaler(train)
+    fitted = fit_estimator(train, scaler, variant.build(params))
+    metrics = evaluate(fitted.model, scaler, train, test)
+    _, _, _, interval = corrected_ttest(scores, n_train, n_test)
+    result = VariantScores(
+        dataset=dataset,
+        variant=variant.name,
+        family=variant.family,
+        hyperparameters=dict(variant.hyperparameters),
+        folds=protocol.folds,
+        repeats=protocol.repeats,
+        seed=protocol.seed,
+        fold_scores=scores,
+        mean=float(np.mean(scores)),
+        interval=(max(0.0, float(interval[0])), min(1.0, float(interval[1]))),  # an accuracy stays in [0, 1]
+        n_train=n_train,
+        n_test=n_test,
+        fit_seconds=float(np.median(seconds)),
+        holdout_metrics=metrics,
+        model_bytes=len(joblib_bytes(fitted.model)),
+    )
+    return FittedVariant(result, fitted.model, scaler)
+
+
+# -- reading all partitions of one dataset: the leaderboard and the decision --
+def same_protocol(results: Sequence[VariantScores]) -> None:
+    """Refuse partitions scored under different protocols (folds, repeats, seed): not paired."""
+    protocols = {(result.folds, result.repeats, result.seed, result.n_train, result.n_test) for result in results}
+    if len(protocols) > 1:
+        names = ", ".join(f"{r.variant} ({r.folds}x{r.repeats}, seed {r.seed})" for r in results)
+        raise ValueError(
+            f"the partitions were scored on different folds: {names}. Re-materialize every partition "
+            "of the dataset with the same experiments.folds, repeats and seed."
+        )
+
+
+LEADERBOARD_COLUMNS = (
+    "rank",
+    "variant",
+    "family",
+    "mean_accuracy",
+    "interval_low",
+    "interval_high",
+    "holdout_accuracy",
+    "fit_seconds",
+    "model_bytes",
+)
+
+
+def leaderboard(results: Sequence[VariantScores]) -> list[dict[str, Any]]:
+    """One row per variant, best mean cross-validated accuracy first."""
+    ordered = sorted(results, key=lambda result: (-result.mean, result.variant))
+    return [
+        {
+            "rank": rank,
+            "variant": result.variant,
+            "family": result.family,
+            "mean_accuracy": result.mean,
+            "interval_low": result.interval[0],
+            "interval_high": result.interval[1],
+            "holdout_accuracy": result.holdout_accuracy,
+            "fit_seconds": result.fit_seconds,
+            "model_bytes": result.model_bytes,
+        }
+        for rank, result in enumerate(ordered, start=1)
+    ]
+
+
+def leaderboard_png(rows: Sequence[Mapping[str, Any]], dataset: str) -> bytes:
+    """Mean cross-validated accuracy per variant with its corrected 95% interval, as PNG bytes."""
+    figure = _figure(6.5, 0.6 * len(rows) + 1.6)
+    axes = figure.add_subplot()
+    names = [row["variant"] for row in rows][::-1]
+    means = np.array([row["mean_accuracy"] for row in rows][::-1])
+    low = means - np.array([row["interval_low"] for row in rows][::-1])
+    high = np.array([row["interval_high"] for row in rows][::-1]) - means
+    axes.errorbar(means, range(len(names)), xerr=[low, high], fmt="o", color="#4c72b0", capsize=4)
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("cross-validated accuracy (95% interval, corrected)")
+    axes.set_title(f"Leaderboard: {dataset}")
+    return _png(figure)
+
+
+def decision_for(results: Sequence[VariantScores], params: Params) -> Decision:
+    """The champion/challenger decision on one dataset's partitions."""
+    same_protocol(results)
+    by_name = {result.variant: result for result in results}
+    if CHAMPION_VARIANT not in by_name:
+        raise ValueError(f"no scores for '{CHAMPION_VARIANT}' (the model section): materialize its partition")
+    first = results[0]
+    return decide(
+        {name: result.fold_scores for name, result in by_name.items()},
+        champion=CHAMPION_VARIANT,
+        n_train=first.n_train,
+        n_test=first.n_test,
+        holdout_accuracy={name: result.holdout_accuracy for name, result in by_name.items()},
+        min_accuracy=params.evaluation.min_accuracy,
+        alpha=params.experiments.alpha,
+        min_improvement=params.experiments.min_improvement,
+    )
+
+
+def decision_summary(decision: Decision, dataset: str, alpha: float, min_improvement: float) -> dict[str, Any]:
+    """Plain data for the asset's value and metadata. The headline test is the winner's, or when
+    production stays, the challenger with the largest mean gain."""
+    headline = None
+    if decision.tests:
+        headline = (
+            decision.winner
+            if decision.challenger_wins
+            else max(decision.tests, key=lambda name: (decision.tests[name].mean_difference, name))
+        )
+    test = decision.tests.get(headline) if headline else None
+    return {
+        "dataset": dataset,
+        "champion": decision.champion,
+        "winner": decision.winner,
+        "decision": (f"promote {decision.winner}" if decision.challenger_wins else f"keep {decision.champion}"),
+        "challenger": headline,
+        "p_value": decision.adjusted_p_values[headline] if headline else None,
+        "raw_p_value": test.p_value if test else None,
+        "effect_size": test.effect_size if test else None,
+        "mean_difference": test.mean_difference if test else None,
+        "interval": list(test.interval) if test else None,
+        "alpha": alpha,
+        "min_improvement": min_improvement,
+        "test": "corrected resampled t-test (Nadeau and Bengio 2003), one-sided, Holm-corrected",
+        "tests": [
+            {
+                "challenger": name,
+                "mean_difference": item.mean_difference,
+                "interval_low": item.interval[0],
+                "interval_high": item.interval[1],
+                "t_statistic": item.t_statistic if math.isfinite(item.t_statistic) else None,
+                "p_value": item.p_value,
+                "holm_p_value": decision.adjusted_p_values[name],
+                "effect_size": item.effect_size,
+                "reason": decision.reasons[name],
+            }
+            for name, item in decision.tests.items()
+        ],
+    }
+
+
+def format_results(dataset: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+    """The leaderboard and the decision of one dataset, as text for a terminal."""
+    lines = [f"== {dataset}: leaderboard (accuracy over the shared folds, corrected 95% interval) =="]
+    header = ("rank", "variant", "family", "mean", "interval", "holdout", "fit s", "bytes")
+    table_rows = [header] + [
+        (
+            str(row["rank"]),
+            row["variant"],
+            row["family"],
+            f"{row['mean_accuracy']:.4f}",
+            f"[{row['interval_low']:.4f}, {row['interval_high']:.4f}]",
+            f"{row['holdout_accuracy']:.4f}",
+            f"{row['fit_seconds']:.3f}",
+            str(row["model_bytes"]),
+        )
+        for row in rows
+    ]
+    widths = [max(len(row[i]) for row in table_rows) for i in range(len(header))]
+    for row in table_rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    lines.append(f"== {dataset}: decision: {summary['decision']} ==")
+    for test in summary["tests"]:
+        lines.append(
+            f"  {test['challenger']}: {test['mean_difference']:+.4f} "
+            f"[{test['interval_low']:+.4f}, {test['interval_high']:+.4f}], "
+            f"p = {test['p_value']:.3g}, Holm p = {test['holm_p_value']:.3g}: {test['reason']}"
+        )
+    lines.append(
+        f"  test: {summary['test']}; alpha {summary['alpha']:g}, min improvement {summary['min_improvement']:g}"
+    )
+    return "\n".join(lines)
+
+
+def read_results(params: Params, dataset: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The leaderboard and decision the last grid wrote for ``dataset``."""
+    folder = experiments_dir(params, dataset)
+    try:
+        rows = json.loads((folder / "leaderboard.json").read_text(encoding="utf-8"))
+        summary = json.loads((folder / "decision.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            exc.errno, f"no results for dataset {dataset!r} yet (run make experiments)", exc.filename
+        ) from None
+    return rows, summary
+
+
+# -- releasing a winner through the registry, with the same gate and publish as model_deployment --
+def experiments_dir(params: Params, dataset: str, variant: str | None = None) -> Path:
+    """<artifacts_dir>/experiments/<dataset>[/<variant>]: the files a user reads and a release takes."""
+    folder = params.artifacts_dir / "experiments" / dataset
+    return folder / variant if variant else folder
+
+
+def release_challenger(
+    decision: Mapping[str, Any], frame: pd.DataFrame, params: Params, run_id: str | None = None
+) -> PublishResult:
+    """Publish the decision's winner: the model and scaler its partition wrote (sha256 as the
+    decision saw them), its holdout metrics, and its variant, params and scores in the manifest."""
+    winner, dataset = decision["winner"], decision["dataset"]
+    if winner == decision["champion"]:
+        raise ReleaseError(f"the decision on {dataset!r} keeps {winner}: there is no challenger to release")
+    folder = experiments_dir(params, dataset, winner)
+    expected = decision["files"][winner]
+    for name in (MODEL_FILE, SCALER_FILE):
+        path = folder / name
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != expected[name]:
+            raise ReleaseError(
+                f"{path} is not the file the decision on {dataset!r} judged ({actual[:12]} != {expected[name][:12]}): "
+                "re-run the experiment grid and the decision, then release"
+            )
+    scores = VariantScores.from_dict(json.loads((folder / "scores.json").read_text(encoding="utf-8")))
+    train, test = split_frame(frame, params.data.test_size, params.data.random_state)
+    evaluated = {**expected, "train_set": frame_digest(train), "test_set": frame_digest(test)}
+    variant_params = {
+        **params.to_dict(),
+        "data": {**params.data.model_dump(), "source": params.experiments.datasets[dataset]},
+        "model": {"family": scores.family, **scores.hyperparameters},
+    }
+    metrics = {**scores.holdout_metrics, "params": variant_params}
+    bundle_params = dataclasses.replace(params, paths=params.paths.model_copy(update={"artifacts_dir": str(folder)}))
+    return release(
+        evaluated,
+        metrics,
+        train,
+        test,
+        bundle_params,
+        run_id,
+        set_production=params.experiments.release_as == "production",
+        manifest_extra={
+            "variant": {
+                "name": winner,
+                "family": scores.family,
+                "hyperparameters": scores.hyperparameters,
+                "dataset": dataset,
+                "cv_mean_accuracy": scores.mean,
+                "cv_interval": list(scores.interval),
+                "protocol": {"folds": scores.folds, "repeats": scores.repeats, "seed": scores.seed},
+                "decision": {key: decision[key] for key in ("p_value", "effect_size", "mean_difference", "test")},
+            }
+        },
+    )

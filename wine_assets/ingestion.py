@@ -72,14 +72,18 @@ def read_csv_source(path: Path, key: str = "data.source") -> tuple[pd.DataFrame,
     return frame, hashlib.sha256(content).hexdigest()
 
 
-def load_raw(params: Params) -> RawData:
-    """Load the source named by ``data.source`` and fingerprint it."""
-    path = params.data_source_path
+def load_raw(params: Params, dataset: str | None = None) -> RawData:
+    """Load the source named by ``data.source`` (or by the experiment dataset ``dataset``) and
+    fingerprint it."""
+    if dataset is None:
+        path, key = params.data_source_path, "data.source"
+    else:
+        path, key = params.dataset_source_path(dataset), f"experiments.datasets.{dataset}"
     if path is None:
         frame = load_builtin_frame()
         source, fingerprint = BUILTIN_SOURCE, fingerprint_frame(frame)
     else:
-        frame, fingerprint = read_csv_source(path)
+        frame, fingerprint = read_csv_source(path, key)
         source = str(path)
     frame.attrs = {SOURCE_ATTR: source, FINGERPRINT_ATTR: fingerprint}
     return RawData(frame=frame, source=source, fingerprint=fingerprint)

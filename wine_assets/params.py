@@ -130,6 +130,73 @@ class ServingParams(_Section):
         return self
 
 
+ESTIMATOR_FAMILIES = ("random_forest", "extra_trees", "gradient_boosting", "logistic_regression", "decision_tree")
+CHAMPION_VARIANT = "production"  # the model section, as a variant of the experiments
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+def _check_variant(name: str, spec: Any) -> dict[str, Any]:
+    """A variant is a mapping: ``family`` and that estimator's own hyperparameters."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"variant {name!r} must be a mapping with a family and its hyperparameters")
+    family = spec.get("family")
+    if family not in ESTIMATOR_FAMILIES:
+        raise ValueError(f"variant {name!r}: family = {family!r} is not one of {', '.join(ESTIMATOR_FAMILIES)}")
+    hyperparameters = {str(key): value for key, value in spec.items() if key != "family"}
+    from wine_assets.training import EstimatorError, build_estimator  # scikit-learn only when variants exist
+
+    try:
+        build_estimator(family, hyperparameters)
+    except EstimatorError as exc:
+        raise ValueError(f"variant {name!r}: {exc}") from None
+    return {"family": family, **hyperparameters}
+
+
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "extra_trees": {"family": "extra_trees", "n_estimators": 200, "random_state": 42},
+    "gradient_boosting": {"family": "gradient_boosting", "n_estimators": 100, "random_state": 42},
+    "logistic_regression": {"family": "logistic_regression", "C": 1.0, "max_iter": 1000},
+}
+
+
+class ExperimentsParams(_Section):
+    datasets: dict[Name, Text] = Field(
+        default_factory=lambda: {"wine": BUILTIN_SOURCE},
+        description="name: 'builtin' or a CSV path; one partition per dataset",
+    )
+    variants: dict[Name, Any] = Field(
+        default_factory=lambda: {name: dict(spec) for name, spec in DEFAULT_VARIANTS.items()},
+        description="name: {family, hyperparameters}; 'production' is the model section",
+    )
+    folds: Count = Field(5, ge=2, le=20, description="k of the repeated stratified k-fold")
+    repeats: Count = Field(5, ge=1, le=50, description="how many times the k folds are drawn again")
+    seed: Count = Field(42, ge=0, description="seed of the folds, the same for every variant")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the decision (Holm-corrected)")
+    min_improvement: float = Field(0.0, ge=0, lt=1, description="accuracy a challenger must gain to count")
+    release_as: Literal["production", "candidate"] = Field(
+        "production", description="a released winner becomes production, or only a version for A/B serving"
+    )
+    mlflow_tracking_uri: Text | None = Field(None, description="log experiments to MLflow here (needs the extra)")
+
+    @field_validator("datasets")
+    @classmethod
+    def _some_datasets(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one dataset")
+        return value
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValueError("must be a mapping of variant names to {family, hyperparameters}")
+        if CHAMPION_VARIANT in value:
+            raise ValueError(f"'{CHAMPION_VARIANT}' is the model section; give the variant another name")
+        return {name: _check_variant(str(name), spec) for name, spec in value.items()}
+
+
 class _Document(_Section):
     """A whole params file: every section optional, nothing else allowed."""
 
@@ -139,6 +206,7 @@ class _Document(_Section):
     evaluation: EvaluationParams = EvaluationParams()
     paths: PathsParams = PathsParams()
     serving: ServingParams = ServingParams()
+    experiments: ExperimentsParams = ExperimentsParams()
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -157,6 +225,7 @@ class Params:
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
     paths: PathsParams = field(default_factory=PathsParams)
     serving: ServingParams = field(default_factory=ServingParams)
+    experiments: ExperimentsParams = field(default_factory=ExperimentsParams)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
     source_file: Path | None = field(default=None, compare=False)
 
@@ -179,6 +248,11 @@ class Params:
         if self.data.source == BUILTIN_SOURCE:
             return None
         return self.resolve(self.data.source)
+
+    def dataset_source_path(self, name: str) -> Path | None:
+        """An experiment dataset's CSV as an absolute path, or None for the built-in data set."""
+        source = self.experiments.datasets[name]
+        return None if source == BUILTIN_SOURCE else self.resolve(source)
 
     @property
     def serving_log_path(self) -> Path | None:
@@ -279,7 +353,21 @@ def _message(where: str, error: Mapping[str, Any]) -> str:
     fields = SECTIONS[section].model_fields
     if unknown:
         return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {', '.join(fields)}"
+    if len(location) > 2:  # inside a mapping (experiments.datasets.NAME ...)
+        dotted = ".".join(location)
+        if error["type"] == "value_error":
+            return f"{where}: {section}.{key}: {error['ctx']['error']}"
+        if error["type"] == "string_pattern_mismatch" and location[-1] == "[key]":
+            return (
+                f"{where}: {section}.{key}: name {error['input']!r} may hold only letters, digits, _ . - "
+                "(64 at most, starting with a letter or digit)"
+            )
+        return f"{where}: {dotted} = {error['input']!r} {_reason(error)}"
     info = fields[key]
+    if get_origin(info.annotation) is dict:
+        if error["type"] == "value_error":
+            return f"{where}: {section}.{key}: {error['ctx']['error']}"
+        return f"{where}: {section}.{key} = {error['input']!r} is not a mapping of names to values"
     return f"{where}: {section}.{key} = {error['input']!r} {_reason(error)}; allowed: {describe_allowed(info)}"
 
 

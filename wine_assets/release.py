@@ -116,6 +116,9 @@ def release(
     test: pd.DataFrame,
     params: Params,
     run_id: str | None = None,
+    *,
+    set_production: bool = True,
+    manifest_extra: Mapping[str, Any] | None = None,
 ) -> PublishResult:
     """Publish the evaluated artifacts to the registry in params and make them production.
 
@@ -141,6 +144,7 @@ def release(
     files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
     return ModelRegistry(params.registry_dir).publish(
         files,
-        manifest_fields(metrics, params, run_id),
+        {**manifest_fields(metrics, params, run_id), **(manifest_extra or {})},
         check=reproduces_accuracy(test, float(metrics["accuracy"])),
+        set_production=set_production,
     )

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+from dagster import AssetKey, DagsterInstance
 from scipy import stats
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets.experiments import Protocol, corrected_ttest, decide, holm
+from wine_assets.experiments import Protocol, corrected_ttest, decide, holm, score_variant, variants_of
 from wine_assets.features import split_frame
 from wine_assets.ingestion import load_builtin_frame
+from wine_assets.params import load_params
+from wine_assets.pipeline.experiments import DECISION, SCORES
+from wine_assets.registry import ModelRegistry
+from wine_assets.validation import FEATURE_COLUMNS
+
+from .conftest import cli_env, tree_snapshot
+from .test_cli import BIN
 
 
 def test_the_corrected_t_statistic_by_hand():
@@ -100,3 +113,244 @@ def test_on_the_wine_data_a_twin_does_not_win_and_a_stump_loses_clearly(training
     reverse = decide(scores, "stump", n_train, n_test, gate, min_accuracy=0.8, min_improvement=0.05)
     assert reverse.winner in ("production", "twin")
     assert reverse.adjusted_p_values[reverse.winner] < 0.01
+
+
+# -- the experiment grid, run for real: Dagster runs on a DAGSTER_HOME instance through the CLI --
+def linear_frame(rows: int = 240, seed: int = 7) -> pd.DataFrame:
+    """Wine-shaped data whose class is the argmax of linear scores: logistic regression fits it,
+    axis-aligned trees do not (a forest scores about 0.75 on it, the linear model about 0.95)."""
+    wine = load_builtin_frame()
+    rng = np.random.default_rng(seed)
+    columns = {
+        name: rng.uniform(wine[name].quantile(0.05), wine[name].quantile(0.95), rows) for name in FEATURE_COLUMNS
+    }
+    frame = pd.DataFrame(columns)
+    standard = ((frame - frame.mean()) / frame.std()).to_numpy()
+    frame["target"] = np.argmax(standard @ rng.normal(size=(len(FEATURE_COLUMNS), 3)), axis=1).astype("int64")
+    return frame
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "wine-assets"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def experiment_params(write_params: Any, **experiments: Any) -> Path:
+    return write_params(
+        model={"n_estimators": 30},
+        experiments={"folds": 5, "repeats": 2, "seed": 3, **experiments},
+    )
+
+
+def stored_partitions(home: Path, key: AssetKey) -> set[str]:
+    with DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(key, limit=100).records
+        return {record.partition_key for record in records}
+
+
+@pytest.mark.slow
+def test_weak_and_twin_variants_are_not_promoted_and_release_is_blocked(tmp_path, write_params, dagster_home):
+    params_file = experiment_params(
+        write_params,
+        datasets={"wine": "builtin"},
+        variants={
+            "stump": {"family": "decision_tree", "max_depth": 1, "random_state": 0},
+            # production's configuration with another seed: any gain is noise
+            "twin": {"family": "random_forest", "n_estimators": 30, "random_state": 7},
+        },
+    )
+    env = cli_env(dagster_home, params_file)
+    completed = run_cli(["experiment", "run"], env, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / "artifacts/experiments/wine/decision.json").read_text())
+    assert summary["decision"] == "keep production" and summary["winner"] == "production"
+    tests = {test["challenger"]: test for test in summary["tests"]}
+    assert tests["stump"]["mean_difference"] < -0.1 and tests["stump"]["holm_p_value"] > 0.9
+    assert tests["twin"]["holm_p_value"] >= 0.05
+    assert "decision: keep production" in completed.stdout and "stump" in completed.stdout
+    rows = json.loads((tmp_path / "artifacts/experiments/wine/leaderboard.json").read_text())
+    assert rows[-1]["variant"] == "stump" and [row["rank"] for row in rows] == [1, 2, 3]
+    # every partition is a materialization in the instance, each with its per-fold scores
+    assert stored_partitions(dagster_home, SCORES) == {"wine|production", "wine|stump", "wine|twin"}
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        record = instance.fetch_materializations(SCORES, limit=1).records[0]
+        metadata = record.asset_materialization.metadata
+        assert len(metadata["fold_scores"].value) == 10 and 0 < metadata["mean_accuracy"].value <= 1
+        decision = instance.fetch_materializations(DECISION, limit=1).records[0].asset_materialization.metadata
+        assert decision["decision"].value == "keep production"
+        assert decision["p_value"].value == pytest.approx(summary["p_value"])
+    # the blocking check stops the release; nothing reaches the registry
+    released = run_cli(["experiment", "release", "--dataset", "wine"], env, tmp_path)
+    assert released.returncode == 1
+    assert "challenger_won failed (keep production)" in released.stderr
+    assert not (tmp_path / "registry").exists()
+    # the same params give the same fold scores: the pure function outside Dagster agrees
+    params = load_params(params_file)
+    fitted = score_variant(load_builtin_frame(), "wine", variants_of(params)["twin"], params)
+    stored = json.loads((tmp_path / "artifacts/experiments/wine/twin/scores.json").read_text())
+    assert stored["fold_scores"] == fitted.scores.fold_scores
+
+
+@pytest.mark.slow
+def test_a_better_family_is_promoted_released_and_a_bad_dataset_blocks_only_itself(
+    tmp_path, write_params, dagster_home
+):
+    linear_frame().to_csv(tmp_path / "linear.csv", index=False)
+    broken = load_builtin_frame()
+    broken.loc[5, "alcohol"] = np.nan
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    params_file = experiment_params(
+        write_params,
+        datasets={"linear": "linear.csv", "broken": "broken.csv"},
+        variants={"logistic": {"family": "logistic_regression", "C": 10.0, "max_iter": 2000}},
+    )
+    env = cli_env(dagster_home, params_file)
+    registry_before = tree_snapshot(tmp_path / "registry")
+    completed = run_cli(["experiment", "run", "--workers", "2"], env, tmp_path)
+    assert completed.returncode == 1  # one dataset was not compared
+    assert "dataset 'broken' not compared: check no_missing_values failed" in completed.stderr
+    assert "== linear: decision: promote logistic ==" in completed.stdout
+    assert stored_partitions(dagster_home, SCORES) == {"linear|production", "linear|logistic"}
+    assert stored_partitions(dagster_home, DECISION) == {"linear"}
+    summary = json.loads((tmp_path / "artifacts/experiments/linear/decision.json").read_text())
+    assert summary["challenger"] == "logistic" and summary["p_value"] < 0.05 and summary["effect_size"] > 0
+    assert tree_snapshot(tmp_path / "registry") == registry_before  # the grid never publishes
+
+    released = run_cli(["experiment", "release", "--dataset", "linear"], env, tmp_path)
+    assert released.returncode == 0, released.stderr[-3000:]
+    assert "released logistic from linear as v1" in released.stdout
+    registry = ModelRegistry(tmp_path / "registry")
+    manifest = registry.manifest(1)
+    assert registry.production_version() == 1
+    assert manifest["variant"]["name"] == "logistic" and manifest["variant"]["family"] == "logistic_regression"
+    assert manifest["variant"]["hyperparameters"] == {"C": 10.0, "max_iter": 2000}
+    assert manifest["variant"]["decision"]["p_value"] == pytest.approx(summary["p_value"])
+    assert type(registry.load(1).model).__name__ == "LogisticRegression"
+    # the released bytes are the ones the partition wrote and the decision judged
+    assert manifest["files"]["model.joblib"]["sha256"] == summary["files"]["logistic"]["model.joblib"]
+    # and the ordinary predict path scores with it
+    predicted = run_cli(["predict", str(tmp_path / "linear.csv"), "--output", str(tmp_path / "out.csv")], env, tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    scored = pd.read_csv(tmp_path / "out.csv")
+    assert (scored["predicted_class"] == linear_frame()["target"]).mean() > 0.85
+
+
+@pytest.mark.slow
+def test_mlflow_tracking_logs_every_partition_and_mirrors_the_decision(tmp_path, write_params, dagster_home):
+    mlflow = pytest.importorskip("mlflow")
+    params_file = experiment_params(
+        write_params,
+        repeats=1,
+        datasets={"wine": "builtin"},
+        variants={"stump": {"family": "decision_tree", "max_depth": 1, "random_state": 0}},
+        mlflow_tracking_uri="sqlite:///tracking/mlflow.db",
+    )
+    (tmp_path / "tracking").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    completed = run_cli(["experiment", "run"], cli_env(dagster_home, params_file), elsewhere)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'tracking/mlflow.db'}")
+    experiment = client.get_experiment_by_name("wine_assets/wine")
+    runs = {run.data.tags["variant"]: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"production", "stump"}
+    stored = json.loads((tmp_path / "artifacts/experiments/wine/stump/scores.json").read_text())
+    history = client.get_metric_history(runs["stump"].info.run_id, "fold_accuracy")
+    assert [metric.value for metric in sorted(history, key=lambda m: m.step)] == stored["fold_scores"]
+    assert runs["stump"].data.params["hp.max_depth"] == "1"
+    aliases = client.get_registered_model("wine-wine").aliases
+    assert client.get_model_version("wine-wine", aliases["champion"]).run_id == runs["production"].info.run_id
+    assert client.get_model_version("wine-wine", aliases["challenger"]).run_id == runs["stump"].info.run_id
+    # the model artifacts sit with the other artifacts, not in the folder the command ran from
+    assert not (elsewhere / "mlruns").exists() and (tmp_path / "artifacts/mlflow").is_dir()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'tracking/mlflow.db'}")
+    logged = mlflow.sklearn.load_model("models:/wine-wine@challenger")
+    assert type(logged).__name__ == "DecisionTreeClassifier"
+
+
+def test_tracking_set_without_mlflow_installed_names_the_key_and_the_extra(monkeypatch, write_params):
+    import builtins
+
+    from wine_assets.tracking import TrackingError, log_variant
+
+    real_import = builtins.__import__
+
+    def without_mlflow(name, *args, **kwargs):  # this machine has the extra; pretend it does not
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_mlflow)
+    params = load_params(write_params(experiments={"mlflow_tracking_uri": "sqlite:///m.db"}))
+    with pytest.raises(
+        TrackingError, match=r"experiments.mlflow_tracking_uri = 'sqlite:///m.db'.*wine_assets\[mlflow\]"
+    ):
+        log_variant(params, None, None)
+    assert log_variant(load_params(write_params(name="off.yaml")), None, None) is None
+
+
+def test_partitions_come_from_the_params(write_params):
+    from wine_assets.experiments_definitions import build_definitions
+
+    params = load_params(
+        write_params(
+            experiments={
+                "datasets": {"wine": "builtin", "other": "other.csv"},
+                "variants": {"stump": {"family": "decision_tree", "max_depth": 1}},
+            }
+        )
+    )
+    definitions = build_definitions(params)
+    graph = definitions.resolve_asset_graph()
+    grid = graph.get(SCORES).partitions_def
+    assert set(grid.get_partition_keys()) == {
+        "wine|production",
+        "wine|stump",
+        "other|production",
+        "other|stump",
+    }
+    datasets = graph.get(DECISION).partitions_def
+    assert set(datasets.get_partition_keys()) == {"wine", "other"}
+    # the blocking checks are partitioned like their asset: a failing dataset stops only itself
+    specs = {spec.name: spec for checks in definitions.asset_checks for spec in checks.check_specs}
+    for name in ("schema", "no_missing_values", "value_ranges", "sample_size", "challenger_won"):
+        assert specs[name].blocking and specs[name].partitions_def == datasets
+    assert {job.name for job in definitions.jobs} == {
+        "experiment_datasets_job",
+        "experiment_variants_job",
+        "experiment_decision_job",
+        "challenger_release_job",
+    }
+
+
+@pytest.mark.slow
+def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, write_params, dagster_home):
+    from .conftest import REPO_ROOT
+
+    env = cli_env(dagster_home, write_params())
+    completed = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    output = completed.stdout + completed.stderr
+    assert "wine_assets_experiments" in output and "All code locations passed" in output
+    bad = write_params(name="bad.yaml", experiments={"variants": {"et": {"family": "extra_trees", "n_estimators": 0}}})
+    completed = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "wine_assets.experiments_definitions"],
+        env=cli_env(dagster_home, bad),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode != 0
+    assert (
+        "bad.yaml: experiments.variants: variant 'et': The 'n_estimators' parameter"
+        in completed.stdout + completed.stderr
+    )

@@ -172,3 +172,45 @@ def test_launch_params_travel_as_tags_and_refuse_relative_paths(tmp_path):
     params_file.unlink()
     with pytest.raises(ParamsError, match=rf"params file not found: {params_file} \(the file this run was launched"):
         launch.load()
+
+
+@pytest.mark.parametrize(
+    ("experiments", "expected"),
+    [
+        ({"datasets": {}}, "p.yaml: experiments.datasets: name at least one dataset"),
+        ({"datasets": {"a b": "builtin"}}, "experiments.datasets: name 'a b' may hold only letters"),
+        ({"datasets": 3}, "experiments.datasets = 3 is not a mapping of names to values"),
+        ({"variants": {"production": {"family": "extra_trees"}}}, "'production' is the model section"),
+        ({"variants": {"et": {"family": "extra_treez"}}}, "variant 'et': family = 'extra_treez' is not one of"),
+        ({"variants": {"et": {"family": "extra_trees", "n_estimator": 3}}}, "has no hyperparameter 'n_estimator'"),
+        (
+            {"variants": {"et": {"family": "extra_trees", "n_estimators": 0}}},
+            "variant 'et': The 'n_estimators' parameter of ExtraTreesClassifier must be an int in the range [1, inf)",
+        ),
+        ({"variants": {"lr": "logistic"}}, "variant 'lr' must be a mapping with a family"),
+        ({"folds": 1}, "experiments.folds = 1 is out of range; allowed: 2 <= value <= 20"),
+        ({"alpha": 1.5}, "experiments.alpha = 1.5 is out of range; allowed: 0 < value < 1"),
+        ({"release_as": "staging"}, "experiments.release_as = 'staging' is not an allowed choice"),
+        ({"sead": 1}, "unknown key experiments.sead"),
+    ],
+)
+def test_experiments_section_errors_name_the_key(tmp_path, experiments, expected):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"experiments": experiments}))
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    assert expected in str(raised.value)
+
+
+def test_experiment_variants_and_datasets_resolve(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "experiments:\n  datasets: {mine: data/w.csv, wine: builtin}\n"
+        "  variants: {lr: {family: logistic_regression, C: 2}}\n"
+    )
+    params = load_params(path)
+    assert params.dataset_source_path("mine") == tmp_path / "data" / "w.csv"
+    assert params.dataset_source_path("wine") is None
+    assert params.experiments.variants == {"lr": {"family": "logistic_regression", "C": 2}}
+    # an override reaches the section like any other
+    assert load_params(path, ["experiments.folds=3"]).experiments.folds == 3
