@@ -74,7 +74,8 @@ install: $(STAMP) ## create .venv and install exactly uv.lock (the package with 
 lock: | $(filter $(UV_TOOL_DIR)/%,$(UV)) ## re-resolve uv.lock after a dependency change (UPGRADE=1: newest allowed)
 	$(UV) lock --python $(PYTHON) $(if $(UPGRADE),--upgrade)
 
-# Telemetry off; at most one training or release run at a time (they share artifacts/).
+# Telemetry off; at most one training or release run at a time (they share artifacts/); at most one
+# run per core from the queue (a backfill of the experiment grid in the UI runs that many at once).
 ifeq ($(INSTANCE),postgres)
 $(DAGSTER_YAML): deploy/dagster-postgres.yaml
 	@mkdir -p $(DAGSTER_HOME)
@@ -82,7 +83,8 @@ $(DAGSTER_YAML): deploy/dagster-postgres.yaml
 else
 $(DAGSTER_YAML):
 	@mkdir -p $(DAGSTER_HOME)
-	@printf '%s\n' 'telemetry:' '  enabled: false' 'run_queue:' '  tag_concurrency_limits:' \
+	@printf '%s\n' 'telemetry:' '  enabled: false' 'run_queue:' "  max_concurrent_runs: $$(getconf _NPROCESSORS_ONLN)" \
+		'  tag_concurrency_limits:' \
 		'    - key: wine_assets/artifacts' '      limit: 1' > $(DAGSTER_YAML)
 endif
 

@@ -1,4 +1,5 @@
-"""Benchmarks of wine_assets: pipeline overhead, prediction speed, how cost grows with data, serving.
+"""Benchmarks of wine_assets: pipeline overhead, prediction speed, how cost grows with data, serving,
+experiments.
 
     make bench                                   # python benchmarks/run.py --output benchmarks/RESULTS.md
     python benchmarks/run.py --smoke --output /tmp/RESULTS.md   # 10^3 rows, one run each (CI)
@@ -33,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
+from experiments import HEADING as EXPERIMENTS_HEADING  # noqa: E402
+from experiments import experiments  # noqa: E402
 from serving import HEADING as SERVING_HEADING  # noqa: E402
 from serving import serving  # noqa: E402
 from synthetic import synthetic_frame, write_csv  # noqa: E402
@@ -700,8 +703,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run only section 5 (needs wrk) and replace it in the existing --output file",
     )
+    parser.add_argument(
+        "--only-experiments",
+        action="store_true",
+        help="run only section 6 (the experiment grid) and replace it in the existing --output file",
+    )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.only_experiments:
+        return only_section(command, args.output, EXPERIMENTS_HEADING, lambda tmp: experiments(tmp, smoke=args.smoke))
     if args.only_serving:
         return only_section(command, args.output, SERVING_HEADING, lambda tmp: serving(tmp, smoke=args.smoke))
     if args.only_scaleout:
@@ -734,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             scaleout_lines = scaleout(tmp, 2, 2, 1, [10**5, 10**6])
         serving_lines = serving(tmp, smoke=args.smoke)
+        experiment_lines = experiments(tmp, smoke=args.smoke)
     text = "\n".join(
         [
             "# Benchmark results",
@@ -753,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *scale_lines,
             *scaleout_lines,
             *serving_lines,
+            *experiment_lines,
         ]
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ each dataset whose variants all succeeded gets its leaderboard and champion_deci
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,12 @@ from typing import Any
 import dagster as dg
 
 from wine_assets.params import LaunchParams, Params
+
+
+# The partitioned checks and data versions are Dagster's preview and beta APIs, chosen on purpose;
+# a warning about that on every run of the grid says nothing new.
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
 class GridError(RuntimeError):
