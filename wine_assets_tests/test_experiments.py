@@ -17,12 +17,23 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets.experiments import Protocol, corrected_ttest, decide, holm, score_variant, variants_of
+from wine_assets.experiments import (
+    Protocol,
+    VariantScores,
+    corrected_ttest,
+    decide,
+    decision_for,
+    holm,
+    release_challenger,
+    score_variant,
+    variants_of,
+)
 from wine_assets.features import split_frame
 from wine_assets.ingestion import load_builtin_frame
 from wine_assets.params import load_params
 from wine_assets.pipeline.experiments import DECISION, SCORES
 from wine_assets.registry import ModelRegistry
+from wine_assets.release import ReleaseError
 from wine_assets.validation import FEATURE_COLUMNS
 
 from .conftest import cli_env, tree_snapshot
@@ -354,3 +365,79 @@ def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, w
         "bad.yaml: experiments.variants: variant 'et': The 'n_estimators' parameter"
         in completed.stdout + completed.stderr
     )
+
+
+@pytest.mark.slow
+def test_one_partition_from_the_dagster_command_line(tmp_path, write_params, dagster_home):
+    """The README's way to materialize a single partition with `dagster asset materialize`."""
+    params_file = experiment_params(
+        write_params, repeats=1, variants={"stump": {"family": "decision_tree", "max_depth": 1}}
+    )
+    env = cli_env(dagster_home, params_file)
+    module = ["asset", "materialize", "-m", "wine_assets.experiments_definitions"]
+    for selection, partition in (
+        ("experiments/raw_wine,experiments/validated_wine", "wine"),
+        ("experiments/cv_scores", "wine|stump"),
+    ):
+        completed = subprocess.run(
+            [str(BIN / "dagster"), *module, "--select", selection, "--partition", partition],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    assert stored_partitions(dagster_home, SCORES) == {"wine|stump"}
+    scores = json.loads((tmp_path / "artifacts/experiments/wine/stump/scores.json").read_text())
+    assert len(scores["fold_scores"]) == 5 and scores["family"] == "decision_tree"
+
+
+def _scores(variant: str, folds: int = 5, seed: int = 1) -> VariantScores:
+    return VariantScores(
+        dataset="wine",
+        variant=variant,
+        family="random_forest",
+        hyperparameters={},
+        folds=folds,
+        repeats=1,
+        seed=seed,
+        fold_scores=[0.9] * folds,
+        mean=0.9,
+        interval=(0.85, 0.95),
+        n_train=100,
+        n_test=25,
+        fit_seconds=0.1,
+        holdout_metrics={"accuracy": 0.9},
+        model_bytes=10,
+    )
+
+
+def test_partitions_scored_on_other_folds_are_not_compared(write_params):
+    params = load_params(write_params())
+    with pytest.raises(
+        ValueError, match=r"scored on different folds: production \(5x1, seed 1\), other \(5x1, seed 2\)"
+    ):
+        decision_for([_scores("production"), _scores("other", seed=2)], params)
+    with pytest.raises(ValueError, match="no scores for 'production'"):
+        decision_for([_scores("other")], params)
+
+
+def test_release_refuses_a_kept_champion_and_files_changed_after_the_decision(tmp_path, write_params):
+    params = load_params(write_params())
+    frame = load_builtin_frame()
+    kept = {"dataset": "wine", "champion": "production", "winner": "production"}
+    with pytest.raises(ReleaseError, match="keeps production: there is no challenger to release"):
+        release_challenger(kept, frame, params)
+    folder = tmp_path / "artifacts/experiments/wine/other"
+    folder.mkdir(parents=True)
+    (folder / "model.joblib").write_bytes(b"changed")
+    won = {
+        "dataset": "wine",
+        "champion": "production",
+        "winner": "other",
+        "files": {"other": {"model.joblib": "0" * 64, "scaler.joblib": "0" * 64}},
+    }
+    with pytest.raises(ReleaseError, match="is not the file the decision on 'wine' judged"):
+        release_challenger(won, frame, params)
+    assert not (tmp_path / "registry").exists()

@@ -22,7 +22,6 @@ import dagster as dg
 
 from wine_assets.params import LaunchParams, Params
 
-
 # The partitioned checks and data versions are Dagster's preview and beta APIs, chosen on purpose;
 # a warning about that on every run of the grid says nothing new.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
