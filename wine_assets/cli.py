@@ -342,8 +342,15 @@ def cmd_experiment_release(args: argparse.Namespace) -> int:
         raise CliError(f"nothing released from dataset {args.dataset!r}: {run.problem} (run {run.run_id})")
     registry = ModelRegistry(params.registry_dir)
     manifest = registry.manifest(max(registry.versions()))
-    _out(f"released {manifest['variant']['name']} from {args.dataset} as v{manifest['version']}")
-    _out(f"production is v{registry.production_version()}")
+    version, production = manifest["version"], registry.production_version()
+    _out(f"released {manifest['variant']['name']} from {args.dataset} as v{version}")
+    if params.experiments.release_as == "candidate":
+        _out(
+            f"production stays {f'v{production}' if production else 'empty'}; to A/B test it, set "
+            f"serving.experiment and serving.candidate_version: {version}"
+        )
+    else:
+        _out(f"production is v{production}")
     return EXIT_OK
 
 

@@ -63,3 +63,6 @@ def test_the_benchmark_smoke_run_writes_every_section(tmp_path):
         assert "| ours | 1 |" in text and "| plain FastAPI + predict() | 1 |" in text
     else:
         assert "Not run (wrk is not installed" in text
+    assert "## 6. Experiments: the grid, sequential and in parallel" in text
+    assert "| `wine-assets experiment run --workers 2` |" in text and "Dagster's cost per run" in text
+    assert "== wine: decision:" in text

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from dagster import AssetKey, DagsterInstance
 from scipy import stats
 from sklearn.ensemble import RandomForestClassifier
@@ -127,6 +128,9 @@ def test_on_the_wine_data_a_twin_does_not_win_and_a_stump_loses_clearly(training
 
 
 # -- the experiment grid, run for real: Dagster runs on a DAGSTER_HOME instance through the CLI --
+Completed = subprocess.CompletedProcess
+
+
 def linear_frame(rows: int = 240, seed: int = 7) -> pd.DataFrame:
     """Wine-shaped data whose class is the argmax of linear scores: logistic regression fits it,
     axis-aligned trees do not (a forest scores about 0.75 on it, the linear model about 0.95)."""
@@ -141,10 +145,10 @@ def linear_frame(rows: int = 240, seed: int = 7) -> pd.DataFrame:
     return frame
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "wine-assets"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, program: str = "wine-assets"
+) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / program), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def experiment_params(write_params: Any, **experiments: Any) -> Path:
@@ -228,12 +232,26 @@ def test_a_better_family_is_promoted_released_and_a_bad_dataset_blocks_only_itse
     assert summary["challenger"] == "logistic" and summary["p_value"] < 0.05 and summary["effect_size"] > 0
     assert tree_snapshot(tmp_path / "registry") == registry_before  # the grid never publishes
 
+    # as a candidate first: published, production untouched, ready for serving.candidate_version
+    candidate_params = tmp_path / "candidate.yaml"
+    document = yaml.safe_load(params_file.read_text())
+    document["experiments"]["release_as"] = "candidate"
+    candidate_params.write_text(yaml.safe_dump(document))
+    released = run_cli(
+        ["experiment", "release", "--dataset", "linear"], cli_env(dagster_home, candidate_params), tmp_path
+    )
+    assert released.returncode == 0, released.stderr[-3000:]
+    assert "production stays empty; to A/B test it, set serving.experiment and serving.candidate_version: 1" in (
+        released.stdout
+    )
+    registry = ModelRegistry(tmp_path / "registry")
+    assert registry.versions() == [1] and registry.production_version() is None
+    # then as production: the same bytes, so no new version; the alias moves
     released = run_cli(["experiment", "release", "--dataset", "linear"], env, tmp_path)
     assert released.returncode == 0, released.stderr[-3000:]
-    assert "released logistic from linear as v1" in released.stdout
-    registry = ModelRegistry(tmp_path / "registry")
+    assert "released logistic from linear as v1" in released.stdout and "production is v1" in released.stdout
     manifest = registry.manifest(1)
-    assert registry.production_version() == 1
+    assert registry.versions() == [1] and registry.production_version() == 1
     assert manifest["variant"]["name"] == "logistic" and manifest["variant"]["family"] == "logistic_regression"
     assert manifest["variant"]["hyperparameters"] == {"C": 10.0, "max_iter": 2000}
     assert manifest["variant"]["decision"]["p_value"] == pytest.approx(summary["p_value"])
@@ -340,26 +358,13 @@ def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, w
     from .conftest import REPO_ROOT
 
     env = cli_env(dagster_home, write_params())
-    completed = subprocess.run(
-        [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = run_cli(["definitions", "validate", "-w", "workspace.yaml"], env, REPO_ROOT, "dagster")
     assert completed.returncode == 0, completed.stderr[-3000:]
     output = completed.stdout + completed.stderr
     assert "wine_assets_experiments" in output and "All code locations passed" in output
     bad = write_params(name="bad.yaml", experiments={"variants": {"et": {"family": "extra_trees", "n_estimators": 0}}})
-    completed = subprocess.run(
-        [str(BIN / "dagster"), "definitions", "validate", "-m", "wine_assets.experiments_definitions"],
-        env=cli_env(dagster_home, bad),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    validate = ["definitions", "validate", "-m", "wine_assets.experiments_definitions"]
+    completed = run_cli(validate, cli_env(dagster_home, bad), tmp_path, "dagster")
     assert completed.returncode != 0
     assert (
         "bad.yaml: experiments.variants: variant 'et': The 'n_estimators' parameter"
@@ -379,14 +384,7 @@ def test_one_partition_from_the_dagster_command_line(tmp_path, write_params, dag
         ("experiments/raw_wine,experiments/validated_wine", "wine"),
         ("experiments/cv_scores", "wine|stump"),
     ):
-        completed = subprocess.run(
-            [str(BIN / "dagster"), *module, "--select", selection, "--partition", partition],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        completed = run_cli([*module, "--select", selection, "--partition", partition], env, tmp_path, "dagster")
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert stored_partitions(dagster_home, SCORES) == {"wine|stump"}
     scores = json.loads((tmp_path / "artifacts/experiments/wine/stump/scores.json").read_text())

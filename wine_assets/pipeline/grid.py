@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cache
 from multiprocessing import get_context
@@ -86,6 +87,12 @@ def _problem(result: dg.ExecuteInProcessResult) -> str:
     return "; ".join(failed)
 
 
+def _definitions_loaded(params_file: str | None, base_dir: str) -> bool:
+    """A pool worker's warm-up: import Dagster and build the definitions once."""
+    _definitions(params_file, base_dir)
+    return True
+
+
 def run_partition(
     params_file: str | None, base_dir: str, job_name: str, dataset: str, variant: str | None = None
 ) -> PartitionRun:
@@ -147,22 +154,29 @@ def run_grid(
     variant_names = list(variants_of(params))
     outcome = GridOutcome()
     context = (file_text, str(launch.base_dir))
-    ready = []
-    for dataset in names:
-        run = run_partition(*context, "experiment_datasets_job", dataset)
-        outcome.runs.append(run)
-        if run.success:
-            ready.append(dataset)
-        else:
-            outcome.blocked[dataset] = run.problem
-    tasks = [(dataset, variant) for dataset in ready for variant in variant_names]
-    if workers > 1 and len(tasks) > 1:
-        # spawn: a fresh interpreter per worker, never a fork of a process holding Dagster's threads
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+    with ExitStack() as stack:
+        pool = None
+        if workers > 1:
+            # spawn: fresh interpreters, never a fork of a process holding Dagster's threads. Started
+            # first, so the workers import Dagster and load the definitions while the datasets run here.
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")))
+            warming = [pool.submit(_definitions_loaded, *context) for _ in range(workers)]
+        ready = []
+        for dataset in names:
+            run = run_partition(*context, "experiment_datasets_job", dataset)
+            outcome.runs.append(run)
+            if run.success:
+                ready.append(dataset)
+            else:
+                outcome.blocked[dataset] = run.problem
+        tasks = [(dataset, variant) for dataset in ready for variant in variant_names]
+        if pool is not None:
+            for future in warming:
+                future.result()
             futures = [pool.submit(run_partition, *context, "experiment_variants_job", *task) for task in tasks]
             variant_runs = [future.result() for future in futures]
-    else:
-        variant_runs = [run_partition(*context, "experiment_variants_job", *task) for task in tasks]
+        else:
+            variant_runs = [run_partition(*context, "experiment_variants_job", *task) for task in tasks]
     outcome.runs.extend(variant_runs)
     for dataset in ready:
         failed = [run for run in variant_runs if run.dataset == dataset and not run.success]
