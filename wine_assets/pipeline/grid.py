@@ -87,12 +87,6 @@ def _problem(result: dg.ExecuteInProcessResult) -> str:
     return "; ".join(failed)
 
 
-def _definitions_loaded(params_file: str | None, base_dir: str) -> bool:
-    """A pool worker's warm-up: import Dagster and build the definitions once."""
-    _definitions(params_file, base_dir)
-    return True
-
-
 def run_partition(
     params_file: str | None, base_dir: str, job_name: str, dataset: str, variant: str | None = None
 ) -> PartitionRun:
@@ -154,41 +148,43 @@ def run_grid(
     variant_names = list(variants_of(params))
     outcome = GridOutcome()
     context = (file_text, str(launch.base_dir))
+    with dg.DagsterInstance.get() as instance:
+        instance.get_runs(limit=1)  # a new instance's tables are made here, not by two workers at once
     with ExitStack() as stack:
         pool = None
         if workers > 1:
-            # spawn: fresh interpreters, never a fork of a process holding Dagster's threads. Started
-            # first, so the workers import Dagster and load the definitions while the datasets run here.
+            # spawn: fresh interpreters, never a fork of a process holding Dagster's threads
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")))
-            warming = [pool.submit(_definitions_loaded, *context) for _ in range(workers)]
+
+        def each(job: str, keys: list[tuple[str, ...]]) -> list[PartitionRun]:
+            if pool is None or len(keys) < 2:
+                return [run_partition(*context, job, *key) for key in keys]
+            return [future.result() for future in [pool.submit(run_partition, *context, job, *key) for key in keys]]
+
         ready = []
-        for dataset in names:
-            run = run_partition(*context, "experiment_datasets_job", dataset)
+        for run in each("experiment_datasets_job", [(dataset,) for dataset in names]):
             outcome.runs.append(run)
             if run.success:
-                ready.append(dataset)
+                ready.append(run.dataset)
             else:
-                outcome.blocked[dataset] = run.problem
-        tasks = [(dataset, variant) for dataset in ready for variant in variant_names]
-        if pool is not None:
-            for future in warming:
-                future.result()
-            futures = [pool.submit(run_partition, *context, "experiment_variants_job", *task) for task in tasks]
-            variant_runs = [future.result() for future in futures]
-        else:
-            variant_runs = [run_partition(*context, "experiment_variants_job", *task) for task in tasks]
-    outcome.runs.extend(variant_runs)
-    for dataset in ready:
-        failed = [run for run in variant_runs if run.dataset == dataset and not run.success]
-        if failed:
-            outcome.blocked[dataset] = "; ".join(f"{run.variant}: {run.problem}" for run in failed)
-            continue
-        run = run_partition(*context, "experiment_decision_job", dataset)
-        outcome.runs.append(run)
-        if run.success:
-            outcome.decided.append(dataset)
-        else:
-            outcome.blocked[dataset] = run.problem
+                outcome.blocked[run.dataset] = run.problem
+        variant_runs = each(
+            "experiment_variants_job", [(dataset, variant) for dataset in ready for variant in variant_names]
+        )
+        outcome.runs.extend(variant_runs)
+        to_decide = []
+        for dataset in ready:
+            failed = [run for run in variant_runs if run.dataset == dataset and not run.success]
+            if failed:
+                outcome.blocked[dataset] = "; ".join(f"{run.variant}: {run.problem}" for run in failed)
+            else:
+                to_decide.append((dataset,))
+        for run in each("experiment_decision_job", to_decide):
+            outcome.runs.append(run)
+            if run.success:
+                outcome.decided.append(run.dataset)
+            else:
+                outcome.blocked[run.dataset] = run.problem
     return outcome
 
 
