@@ -131,7 +131,7 @@ test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverag
 test-quick: $(STAMP) ## the quick loop: every test that starts no server or CLI process (-m "not slow")
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "not slow"
 
-bench: $(STAMP) ## benchmarks: set-up, overhead, prediction, scale, scale-out, serving (about 45 minutes) -> benchmarks/RESULTS.md
+bench: $(STAMP) ## benchmarks: set-up, overhead, prediction, scale, scale-out, serving, experiments (about 50 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
 
 # dg runs the project from its own folder with .venv; VIRTUAL_ENV tells it that venv is the active one.
