@@ -294,14 +294,20 @@ def _grid_error(exc: Exception) -> CliError:
     return CliError(str(exc), EXIT_BAD_INPUT)
 
 
+def _print_run(run) -> None:  # noqa: ANN001 (a PartitionRun; the grid module imports Dagster)
+    verdict = "ok" if run.success else f"FAILED: {run.problem}"
+    sys.stderr.write(f"wine-assets: {run.job} {run.label} ({run.seconds:.1f} s): {verdict}\n")
+
+
 def cmd_experiment_run(args: argparse.Namespace) -> int:
     params = _params(args)
     from wine_assets.experiments import format_results, read_results
     from wine_assets.pipeline.grid import GridError, run_grid
+    from wine_assets.tracking import TrackingError
 
     try:
-        outcome = run_grid(args.params, workers=args.workers, datasets=args.dataset)
-    except (GridError, ParamsError) as exc:
+        outcome = run_grid(args.params, workers=args.workers, datasets=args.dataset, on_run=_print_run)
+    except (GridError, ParamsError, TrackingError) as exc:
         raise _grid_error(exc) from exc
     seconds = {run.job: 0.0 for run in outcome.runs}
     for run in outcome.runs:
@@ -340,17 +346,17 @@ def cmd_experiment_release(args: argparse.Namespace) -> int:
         raise _grid_error(exc) from exc
     if not run.success:
         raise CliError(f"nothing released from dataset {args.dataset!r}: {run.problem} (run {run.run_id})")
-    registry = ModelRegistry(params.registry_dir)
-    manifest = registry.manifest(max(registry.versions()))
-    version, production = manifest["version"], registry.production_version()
-    _out(f"released {manifest['variant']['name']} from {args.dataset} as v{version}")
+    released = run.metadata["experiments/challenger_release"]
+    version, production = released["version"], released["production"]
+    new = "" if released["new_version"] else " (the same files as an existing version: no new version)"
+    _out(f"released {released['variant']} from {args.dataset} as v{version}{new}")
     if params.experiments.release_as == "candidate":
         _out(
-            f"production stays {f'v{production}' if production else 'empty'}; to A/B test it, set "
-            f"serving.experiment and serving.candidate_version: {version}"
+            f"production stays {production}; to A/B test it, set serving.experiment and "
+            f"serving.candidate_version: {version}"
         )
     else:
-        _out(f"production is v{production}")
+        _out(f"production is {production}")
     return EXIT_OK
 
 

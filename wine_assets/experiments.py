@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +36,11 @@ from sklearn.preprocessing import StandardScaler
 from wine_assets.evaluation import _figure, _png, evaluate
 from wine_assets.features import fit_scaler, frame_digest, split_frame
 from wine_assets.files import joblib_bytes, sha256_file
-from wine_assets.params import CHAMPION_VARIANT, Params
+from wine_assets.ingestion import FINGERPRINT_ATTR
+from wine_assets.params import CHAMPION_VARIANT, Params, ParamsError
 from wine_assets.registry import MODEL_FILE, SCALER_FILE, PublishResult
 from wine_assets.release import ReleaseError, release
-from wine_assets.training import build_estimator, build_model, fit_estimator
+from wine_assets.training import EstimatorError, build_estimator, build_model, fit_estimator
 from wine_assets.validation import TARGET_COLUMN
 
 
@@ -198,6 +200,34 @@ def variants_of(params: Params) -> dict[str, Variant]:
     return found
 
 
+def check_variants(params: Params) -> None:
+    """Build every declared variant with scikit-learn's own constraints and fit it once on a tiny
+    3-class sample, so a hyperparameter scikit-learn refuses (or a combination it refuses only at
+    fit time, such as l1 with the lbfgs solver) fails before any partition runs, naming the file
+    and the variant. Raises ParamsError with one line per bad variant."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, 13))
+    labels = np.repeat([0, 1, 2], 10)
+    problems = []
+    for name, variant in variants_of(params).items():
+        if name == CHAMPION_VARIANT:  # the model section: validated field by field with the params
+            continue
+        where = f"{params.origin}: experiments.variants.{name}"
+        try:
+            estimator = build_estimator(variant.family, dict(variant.hyperparameters))
+        except EstimatorError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence on 30 random rows says nothing
+                estimator.fit(features, labels)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: {variant.family} fails a trial fit on 30 rows: {exc}")
+    if problems:
+        raise ParamsError("\n".join(problems))
+
+
 def protocol_of(params: Params) -> Protocol:
     return Protocol(folds=params.experiments.folds, repeats=params.experiments.repeats, seed=params.experiments.seed)
 
@@ -221,6 +251,9 @@ class VariantScores:
     fit_seconds: float  # median over the folds
     holdout_metrics: dict[str, Any]  # the same split and evaluation as training_job
     model_bytes: int
+    train_digest: str = ""  # the rows it was scored on: partitions are paired only on the same rows
+    test_digest: str = ""
+    data_fingerprint: str = ""
 
     @property
     def holdout_accuracy(self) -> float:
@@ -278,6 +311,9 @@ def score_variant(frame: pd.DataFrame, dataset: str, variant: Variant, params: P
         fit_seconds=float(np.median(seconds)),
         holdout_metrics=metrics,
         model_bytes=len(joblib_bytes(fitted.model)),
+        train_digest=frame_digest(train),
+        test_digest=frame_digest(test),
+        data_fingerprint=str(frame.attrs.get(FINGERPRINT_ATTR, "")),
     )
     return FittedVariant(result, fitted.model, scaler)
 
@@ -286,6 +322,11 @@ def score_variant(frame: pd.DataFrame, dataset: str, variant: Variant, params: P
 def same_protocol(results: Sequence[VariantScores]) -> None:
     """Refuse partitions scored under different protocols (folds, repeats, seed): not paired."""
     protocols = {(result.folds, result.repeats, result.seed, result.n_train, result.n_test) for result in results}
+    if len({(result.train_digest, result.test_digest) for result in results}) > 1:
+        raise ValueError(
+            f"the partitions of {results[0].dataset!r} were scored on different data (the dataset changed "
+            "between them): re-materialize every partition of the dataset"
+        )
     if len(protocols) > 1:
         names = ", ".join(f"{r.variant} ({r.folds}x{r.repeats}, seed {r.seed})" for r in results)
         raise ValueError(
@@ -360,9 +401,11 @@ def decision_for(results: Sequence[VariantScores], params: Params) -> Decision:
     )
 
 
-def decision_summary(decision: Decision, dataset: str, alpha: float, min_improvement: float) -> dict[str, Any]:
-    """Plain data for the asset's value and metadata. The headline test is the winner's, or when
-    production stays, the challenger with the largest mean gain."""
+def decision_summary(decision: Decision, results: Sequence[VariantScores], params: Params) -> dict[str, Any]:
+    """Plain data for the asset's value and metadata, with what it was decided on (the variants,
+    the rows) so a release can refuse a decision that is out of date. The headline test is the
+    winner's, or when production stays, the challenger with the largest mean gain."""
+    dataset, alpha, min_improvement = results[0].dataset, params.experiments.alpha, params.experiments.min_improvement
     headline = None
     if decision.tests:
         headline = (
@@ -385,6 +428,13 @@ def decision_summary(decision: Decision, dataset: str, alpha: float, min_improve
         "alpha": alpha,
         "min_improvement": min_improvement,
         "test": "corrected resampled t-test (Nadeau and Bengio 2003), one-sided, Holm-corrected",
+        "variants": {
+            result.variant: {"family": result.family, "hyperparameters": result.hyperparameters} for result in results
+        },
+        "train_digest": results[0].train_digest,
+        "test_digest": results[0].test_digest,
+        "data_fingerprint": results[0].data_fingerprint,
+        "leaderboard": leaderboard(results),
         "tests": [
             {
                 "challenger": name,
@@ -437,15 +487,14 @@ def format_results(dataset: str, rows: Sequence[Mapping[str, Any]], summary: Map
 
 def read_results(params: Params, dataset: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The leaderboard and decision the last grid wrote for ``dataset``."""
-    folder = experiments_dir(params, dataset)
+    path = experiments_dir(params, dataset) / "decision.json"
     try:
-        rows = json.loads((folder / "leaderboard.json").read_text(encoding="utf-8"))
-        summary = json.loads((folder / "decision.json").read_text(encoding="utf-8"))
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            exc.errno, f"no results for dataset {dataset!r} yet (run make experiments)", exc.filename
+            exc.errno, f"no decision for dataset {dataset!r} yet (run make experiments)", exc.filename
         ) from None
-    return rows, summary
+    return summary["leaderboard"], summary  # the leaderboard the decision was made on
 
 
 # -- releasing a winner through the registry, with the same gate and publish as model_deployment --
@@ -463,19 +512,38 @@ def release_challenger(
     winner, dataset = decision["winner"], decision["dataset"]
     if winner == decision["champion"]:
         raise ReleaseError(f"the decision on {dataset!r} keeps {winner}: there is no challenger to release")
+    rerun = "run the grid again (make experiments), then release"
+    declared = {
+        name: {"family": variant.family, "hyperparameters": variant.hyperparameters}
+        for name, variant in variants_of(params).items()
+    }
+    if declared != decision["variants"]:
+        changed = sorted(
+            name
+            for name in set(declared) | set(decision["variants"])
+            if declared.get(name) != decision["variants"].get(name)
+        )
+        raise ReleaseError(
+            f"the variants in {params.origin} are not the ones the decision on {dataset!r} compared "
+            f"(changed: {', '.join(changed)}): {rerun}"
+        )
+    for variant, expected in decision["files"].items():
+        for name in (MODEL_FILE, SCALER_FILE):
+            path = experiments_dir(params, dataset, variant) / name
+            actual = sha256_file(path) if path.is_file() else "missing"
+            if actual != expected[name]:
+                raise ReleaseError(
+                    f"{path} is not the file the decision on {dataset!r} judged "
+                    f"({actual[:12]} != {expected[name][:12]}): the partition changed after the decision; {rerun}"
+                )
+    train, test = split_frame(frame, params.data.test_size, params.data.random_state)
+    if (frame_digest(train), frame_digest(test)) != (decision["train_digest"], decision["test_digest"]):
+        raise ReleaseError(f"the rows of dataset {dataset!r} changed after the decision: {rerun}")
     folder = experiments_dir(params, dataset, winner)
     expected = decision["files"][winner]
-    for name in (MODEL_FILE, SCALER_FILE):
-        path = folder / name
-        actual = sha256_file(path) if path.is_file() else "missing"
-        if actual != expected[name]:
-            raise ReleaseError(
-                f"{path} is not the file the decision on {dataset!r} judged ({actual[:12]} != {expected[name][:12]}): "
-                "re-run the experiment grid and the decision, then release"
-            )
     scores = VariantScores.from_dict(json.loads((folder / "scores.json").read_text(encoding="utf-8")))
-    train, test = split_frame(frame, params.data.test_size, params.data.random_state)
-    evaluated = {**expected, "train_set": frame_digest(train), "test_set": frame_digest(test)}
+    # the release checks the rows again, against what the decision recorded
+    evaluated = {**expected, "train_set": decision["train_digest"], "test_set": decision["test_digest"]}
     variant_params = {
         **params.to_dict(),
         "data": {**params.data.model_dump(), "source": params.experiments.datasets[dataset]},

@@ -6,24 +6,7 @@ Kept apart from ``wine_assets.definitions`` so ``dagster asset materialize -m wi
 ``experiments.datasets`` or ``experiments.variants`` needs a reload of the definitions.
 """
 
-import dagster as dg
-
-from wine_assets.params import Params, load_params
-from wine_assets.pipeline.executor import wine_assets_executor
-from wine_assets.pipeline.experiments import build_experiment_assets, variant_names
-from wine_assets.pipeline.resources import WineParamsResource
-
-
-def build_definitions(params: Params, resource: WineParamsResource | None = None) -> dg.Definitions:
-    """The location's Definitions, with one partition per dataset and per variant of ``params``."""
-    built = build_experiment_assets(list(params.experiments.datasets), variant_names(params))
-    return dg.Definitions(
-        assets=built["assets"],
-        asset_checks=built["asset_checks"],
-        jobs=built["jobs"],
-        resources={"params": resource or WineParamsResource()},
-        executor=wine_assets_executor,
-    )
-
+from wine_assets.params import load_params
+from wine_assets.pipeline.experiments import build_definitions
 
 defs = build_definitions(load_params())  # $WINE_ASSETS_PARAMS, else ./params.yaml, else the defaults

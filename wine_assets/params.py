@@ -136,20 +136,18 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 def _check_variant(name: str, spec: Any) -> dict[str, Any]:
-    """A variant is a mapping: ``family`` and that estimator's own hyperparameters."""
+    """A variant is a mapping: ``family`` and that estimator's own hyperparameters. Their names and
+    values are checked by scikit-learn itself, with a trial fit, before any experiment runs
+    (``wine_assets.experiments.check_variants``): loading params stays free of scikit-learn."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"variant {name!r} must be a mapping with a family and its hyperparameters")
     family = spec.get("family")
     if family not in ESTIMATOR_FAMILIES:
         raise ValueError(f"variant {name!r}: family = {family!r} is not one of {', '.join(ESTIMATOR_FAMILIES)}")
-    hyperparameters = {str(key): value for key, value in spec.items() if key != "family"}
-    from wine_assets.training import EstimatorError, build_estimator  # scikit-learn only when variants exist
-
-    try:
-        build_estimator(family, hyperparameters)
-    except EstimatorError as exc:
-        raise ValueError(f"variant {name!r}: {exc}") from None
-    return {"family": family, **hyperparameters}
+    bad_keys = [repr(key) for key in spec if not isinstance(key, str)]
+    if bad_keys:
+        raise ValueError(f"variant {name!r}: hyperparameter names must be text, not {', '.join(bad_keys)}")
+    return {"family": family, **{key: value for key, value in spec.items() if key != "family"}}
 
 
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -183,6 +181,16 @@ class ExperimentsParams(_Section):
     def _some_datasets(cls, value: dict[str, str]) -> dict[str, str]:
         if not value:
             raise ValueError("name at least one dataset")
+        return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _local_store(cls, value: str | None) -> str | None:
+        # a tracking server would mean network traffic at run time: only local stores
+        if value is not None and "://" in value and not value.startswith(("file://", "sqlite:///")):
+            raise ValueError("is not allowed: only a local store (a folder, file:///folder or sqlite:///file)")
+        if value is not None and value.startswith("file:") and not value.startswith("file://"):
+            raise ValueError("is not allowed: write file:///folder, or just the folder")
         return value
 
     @field_validator("variants", mode="before")

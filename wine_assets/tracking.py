@@ -19,21 +19,41 @@ class TrackingError(RuntimeError):
     """MLflow tracking is asked for but cannot be done; the message says what to install or fix."""
 
 
-def _client(params: Params) -> tuple[Any, str]:
-    uri = params.experiments.mlflow_tracking_uri
+def ensure_available(params: Params) -> None:
+    """Raise TrackingError now when tracking is asked for and MLflow is not installed."""
+    if params.experiments.mlflow_tracking_uri is not None:
+        _mlflow(params)
+
+
+def _mlflow(params: Params) -> Any:
     # MLflow sends usage telemetry over the network unless told not to; nothing leaves this machine.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         import mlflow
     except ImportError:
         raise TrackingError(
-            f"experiments.mlflow_tracking_uri = {uri!r} in {params.origin}, but MLflow is not installed: "
-            "install the extra (pip install 'wine_assets[mlflow]', or uv sync --extra mlflow) or set it to null"
+            f"experiments.mlflow_tracking_uri = {params.experiments.mlflow_tracking_uri!r} in {params.origin}, "
+            "but MLflow is not installed: install the extra (pip install 'wine_assets[mlflow]', or "
+            "uv sync --extra mlflow) or set it to null"
         ) from None
-    if "://" not in uri:  # a plain folder: MLflow's file store, relative to the params file
-        uri = params.resolve(uri).as_uri()
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(params.resolve(uri.removeprefix("sqlite:///")))
+    return mlflow
+
+
+def local_uri(params: Params) -> str:
+    """The store as an absolute URI: a folder or file:// (MLflow's file store) or sqlite:///file,
+    relative paths against the params file's folder. The params allow nothing else (no servers)."""
+    uri = params.experiments.mlflow_tracking_uri
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        return "sqlite:///" + str(params.resolve(path))  # sqlite:////abs keeps its absolute path
+    if uri.startswith("file://"):
+        return uri
+    return params.resolve(uri).as_uri()
+
+
+def _client(params: Params) -> tuple[Any, str]:
+    mlflow = _mlflow(params)
+    uri = local_uri(params)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
@@ -47,6 +67,7 @@ def log_variant(params: Params, result: Any, model: Any) -> str | None:
         return None
     client, uri = _client(params)
     import mlflow
+    import mlflow.exceptions
     import mlflow.sklearn
 
     name = f"wine_assets/{result.dataset}"
@@ -54,7 +75,10 @@ def log_variant(params: Params, result: Any, model: Any) -> str | None:
     if experiment is None:
         # next to the other artifacts, not ./mlruns of whatever folder the run happens in
         location = (params.artifacts_dir / "mlflow").as_uri()
-        experiment_id = client.create_experiment(name, artifact_location=location)
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another worker made it a moment ago
+            experiment_id = client.get_experiment_by_name(name).experiment_id
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_tracking_uri(uri)
@@ -93,17 +117,19 @@ def log_variant(params: Params, result: Any, model: Any) -> str | None:
 
 
 def set_aliases(params: Params, dataset: str, summary: Mapping[str, Any]) -> None:
-    """Point ``champion`` at the winner's model version and ``challenger`` at the best challenger's."""
+    """Point ``champion`` at the winner's model version and ``challenger`` at the best challenger's:
+    the versions logged by exactly the runs the decision judged."""
     if params.experiments.mlflow_tracking_uri is None:
         return
     client, _ = _client(params)
     name = model_name(dataset)
-    latest: dict[str, str] = {}
-    for version in client.search_model_versions(f"name = '{name}'"):
-        run = client.get_run(version.run_id)
-        variant = run.data.tags.get("variant")
-        if variant and int(version.version) > int(latest.get(variant, "0")):
-            latest[variant] = version.version
+    runs = summary.get("mlflow_runs", {})
+    version_of_run = {version.run_id: version.version for version in client.search_model_versions(f"name = '{name}'")}
     for alias, variant in (("champion", summary["winner"]), ("challenger", summary["challenger"])):
-        if variant and variant in latest:
-            client.set_registered_model_alias(name, alias, latest[variant])
+        version = version_of_run.get(runs.get(variant)) if variant else None
+        if version is None:
+            raise TrackingError(
+                f"no MLflow model version of {name} was logged by the run that scored {variant!r} "
+                f"(run {runs.get(variant)}): re-run that partition with tracking on"
+            )
+        client.set_registered_model_alias(name, alias, version)

@@ -59,6 +59,10 @@ def build_estimator(family: str, hyperparameters: dict) -> ClassifierMixin:
             f"{estimator_class.__name__} has no hyperparameter {', '.join(map(repr, unknown))}; "
             f"it has: {', '.join(sorted(known))}"
         )
+    for key, value in hyperparameters.items():
+        # YAML's true is an int to Python: n_estimators: true would mean one tree
+        if isinstance(value, bool) and not isinstance(known[key], bool):
+            raise EstimatorError(f"{key} = {value!r}: a flag where {estimator_class.__name__} expects a value")
     estimator = estimator_class(**hyperparameters)
     try:
         # The check fit() runs first; scikit-learn keeps it private, so it is called by its name.

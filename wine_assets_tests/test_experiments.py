@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from wine_assets.experiments import (
     Protocol,
     VariantScores,
+    check_variants,
     corrected_ttest,
     decide,
     decision_for,
@@ -31,7 +33,7 @@ from wine_assets.experiments import (
 )
 from wine_assets.features import split_frame
 from wine_assets.ingestion import load_builtin_frame
-from wine_assets.params import load_params
+from wine_assets.params import ParamsError, load_params
 from wine_assets.pipeline.experiments import DECISION, SCORES
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError
@@ -263,6 +265,15 @@ def test_a_better_family_is_promoted_released_and_a_bad_dataset_blocks_only_itse
     assert predicted.returncode == 0, predicted.stderr
     scored = pd.read_csv(tmp_path / "out.csv")
     assert (scored["predicted_class"] == linear_frame()["target"]).mean() > 0.85
+    # the decision is out of date once its dataset holds other rows: refused, registry untouched
+    before = tree_snapshot(tmp_path / "registry")
+    linear_frame(seed=8).to_csv(tmp_path / "linear.csv", index=False)
+    datasets = ["experiments/raw_wine,experiments/validated_wine", "--partition", "linear"]
+    module = ["asset", "materialize", "-m", "wine_assets.experiments_definitions", "--select"]
+    assert run_cli([*module, *datasets], env, tmp_path, "dagster").returncode == 0
+    refused = run_cli(["experiment", "release", "--dataset", "linear"], env, tmp_path)
+    assert refused.returncode == 1 and "the rows of dataset 'linear' changed after the decision" in refused.stderr
+    assert tree_snapshot(tmp_path / "registry") == before
 
 
 @pytest.mark.slow
@@ -320,7 +331,7 @@ def test_tracking_set_without_mlflow_installed_names_the_key_and_the_extra(monke
 
 
 def test_partitions_come_from_the_params(write_params):
-    from wine_assets.experiments_definitions import build_definitions
+    from wine_assets.pipeline.experiments import build_definitions
 
     params = load_params(
         write_params(
@@ -366,10 +377,7 @@ def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, w
     validate = ["definitions", "validate", "-m", "wine_assets.experiments_definitions"]
     completed = run_cli(validate, cli_env(dagster_home, bad), tmp_path, "dagster")
     assert completed.returncode != 0
-    assert (
-        "bad.yaml: experiments.variants: variant 'et': The 'n_estimators' parameter"
-        in completed.stdout + completed.stderr
-    )
+    assert "bad.yaml: experiments.variants.et: The 'n_estimators' parameter" in completed.stdout + completed.stderr
 
 
 @pytest.mark.slow
@@ -421,21 +429,119 @@ def test_partitions_scored_on_other_folds_are_not_compared(write_params):
         decision_for([_scores("other")], params)
 
 
-def test_release_refuses_a_kept_champion_and_files_changed_after_the_decision(tmp_path, write_params):
-    params = load_params(write_params())
+def test_release_refuses_a_kept_champion_and_a_decision_that_is_out_of_date(tmp_path, write_params):
+    params = load_params(write_params(experiments={"variants": {"other": {"family": "decision_tree"}}}))
     frame = load_builtin_frame()
     kept = {"dataset": "wine", "champion": "production", "winner": "production"}
     with pytest.raises(ReleaseError, match="keeps production: there is no challenger to release"):
         release_challenger(kept, frame, params)
+    declared = {
+        name: {"family": v.family, "hyperparameters": v.hyperparameters} for name, v in variants_of(params).items()
+    }
     folder = tmp_path / "artifacts/experiments/wine/other"
     folder.mkdir(parents=True)
-    (folder / "model.joblib").write_bytes(b"changed")
+    (folder / "model.joblib").write_bytes(b"written after the decision")
     won = {
         "dataset": "wine",
         "champion": "production",
         "winner": "other",
+        "variants": declared,
         "files": {"other": {"model.joblib": "0" * 64, "scaler.joblib": "0" * 64}},
+        "train_digest": "",
+        "test_digest": "",
     }
-    with pytest.raises(ReleaseError, match="is not the file the decision on 'wine' judged"):
+    with pytest.raises(
+        ReleaseError, match="is not the file the decision on 'wine' judged .* changed after the decision"
+    ):
         release_challenger(won, frame, params)
+    # the params' variants moved on since the decision: refused before any file is read
+    other = load_params(write_params(name="other.yaml", experiments={"variants": {"other": {"family": "extra_trees"}}}))
+    with pytest.raises(ReleaseError, match=r"not the ones the decision on 'wine' compared \(changed: other\)"):
+        release_challenger(won, frame, other)
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ({"family": "extra_trees", "n_estimator": 3}, "ExtraTreesClassifier has no hyperparameter 'n_estimator'"),
+        (
+            {"family": "extra_trees", "n_estimators": 0},
+            "The 'n_estimators' parameter of ExtraTreesClassifier must be an int in the range [1, inf). Got 0",
+        ),
+        ({"family": "extra_trees", "n_estimators": True}, "n_estimators = True: a flag where"),
+        (
+            {"family": "logistic_regression", "penalty": "l1"},
+            "fails a trial fit on 30 rows: Solver lbfgs supports only",
+        ),
+        ({"family": "gradient_boosting", "loss": "exponential"}, "only suitable for a binary classification"),
+        ({"family": "decision_tree", "class_weight": {5: 1.0}}, "fails a trial fit on 30 rows"),
+    ],
+)
+def test_variants_scikit_learn_refuses_fail_before_any_partition(write_params, variant, expected):
+    params = load_params(write_params(experiments={"variants": {"bad": variant, "fine": {"family": "decision_tree"}}}))
+    with pytest.raises(ParamsError) as raised:
+        check_variants(params)
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{params.origin}: experiments.variants.bad: ")
+    assert expected in lines[0]
+
+
+def test_loading_params_with_variants_does_not_import_scikit_learn(write_params, tmp_path):
+    """`wine-assets summary` and friends read the params; scikit-learn costs them a second."""
+    path = write_params(experiments={"variants": {"et": {"family": "extra_trees"}}})
+    code = f"import sys; import wine_assets.params as p; p.load_params({str(path)!r}); print('sklearn' in sys.modules)"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert completed.stdout.strip() == "False", completed.stderr
+
+
+@pytest.mark.slow
+def test_experiment_commands_refuse_clearly_and_run_nothing(tmp_path, write_params, dagster_home):
+    params_file = experiment_params(write_params, repeats=1, variants={})
+    env = cli_env(dagster_home, params_file)
+    outcomes = {
+        "show before any run": (
+            run_cli(["experiment", "show"], env, tmp_path),
+            1,
+            "no decision for dataset 'wine' yet",
+        ),
+        "release before any decision": (
+            run_cli(["experiment", "release", "--dataset", "wine"], env, tmp_path),
+            2,
+            "no champion_decision for dataset 'wine' in this DAGSTER_HOME yet",
+        ),
+        "unknown dataset": (
+            run_cli(["experiment", "run", "--dataset", "nope"], env, tmp_path),
+            2,
+            "no dataset 'nope' in experiments.datasets",
+        ),
+        "no instance folder": (
+            run_cli(["experiment", "run"], {**env, "DAGSTER_HOME": str(tmp_path / "missing")}, tmp_path),
+            2,
+            "missing is not a folder",
+        ),
+    }
+    bad = write_params(
+        name="bad.yaml", experiments={"variants": {"lr": {"family": "logistic_regression", "penalty": "l1"}}}
+    )
+    outcomes["a variant scikit-learn refuses"] = (
+        run_cli(["--params", str(bad), "experiment", "run"], env, tmp_path),
+        2,
+        "bad.yaml: experiments.variants.lr: logistic_regression fails a trial fit on 30 rows",
+    )
+    # --params wins over a broken ./params.yaml of the folder the command runs in
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "params.yaml").write_text("experiments: {folds: 1}\n")
+    without = {key: value for key, value in env.items() if key != "WINE_ASSETS_PARAMS"}
+    outcomes["--params over ./params.yaml"] = (
+        run_cli(["--params", str(params_file), "experiment", "release", "--dataset", "wine"], without, elsewhere),
+        2,
+        "no champion_decision for dataset 'wine'",
+    )
+    for case, (completed, code, message) in outcomes.items():
+        assert completed.returncode == code, (case, completed.stderr[-2000:])
+        assert message in completed.stderr, (case, completed.stderr[-2000:])
+        assert "Traceback" not in completed.stderr, case
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert instance.get_runs() == []

@@ -16,6 +16,7 @@ import pandas as pd
 from wine_assets.experiments import (
     LEADERBOARD_COLUMNS,
     VariantScores,
+    check_variants,
     decision_for,
     decision_summary,
     experiments_dir,
@@ -27,7 +28,8 @@ from wine_assets.experiments import (
 )
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic, write_json_atomic
 from wine_assets.ingestion import IngestionError, class_counts, load_raw
-from wine_assets.params import CHAMPION_VARIANT, Params
+from wine_assets.params import Params
+from wine_assets.pipeline.executor import wine_assets_executor
 from wine_assets.pipeline.metadata import png_markdown, table
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.pipeline.validation import (
@@ -41,6 +43,7 @@ from wine_assets.release import ReleaseError
 from wine_assets.validation import WineSchema, WineValidationError, validate_frame
 
 GROUP = "experiments"
+RELEASE_GROUP = "experiments_release"
 PREFIX = "experiments"
 RAW = dg.AssetKey([PREFIX, "raw_wine"])
 VALIDATED = dg.AssetKey([PREFIX, "validated_wine"])
@@ -168,14 +171,30 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
                     "reload the definitions so the partitions match the params"
                 )
             )
-        fitted = score_variant(validated_wine, dataset, variants[variant_name], values)
+        try:
+            fitted = score_variant(validated_wine, dataset, variants[variant_name], values)
+        except (ValueError, TypeError) as exc:  # what scikit-learn raises for a fit it refuses
+            raise dg.Failure(
+                description=f"{values.origin}: experiments.variants.{variant_name} failed on {dataset!r}: {exc}"
+            ) from exc
         result = fitted.scores
-        folder = experiments_dir(values, dataset, variant_name)
         files = {MODEL_FILE: joblib_bytes(fitted.model), SCALER_FILE: joblib_bytes(fitted.scaler)}
+        # tracking first: a tracking failure must not leave this partition's earlier files replaced
+        from wine_assets.tracking import TrackingError, log_variant
+
+        try:
+            run_id = log_variant(values, result, fitted.model)
+        except TrackingError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        folder = experiments_dir(values, dataset, variant_name)
         for name, content in files.items():
             write_bytes_atomic(folder / name, content)
         write_json_atomic(folder / "scores.json", result.to_dict())
-        record = {**result.to_dict(), "files": {name: sha256_bytes(content) for name, content in files.items()}}
+        record = {
+            **result.to_dict(),
+            "files": {name: sha256_bytes(content) for name, content in files.items()},
+            "mlflow_run_id": run_id,
+        }
         context.log.info(
             "%s on %s: %.4f mean accuracy over %d folds, holdout %.4f",
             variant_name,
@@ -184,9 +203,6 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
             len(result.fold_scores),
             result.holdout_accuracy,
         )
-        from wine_assets.tracking import log_variant  # MLflow only when experiments.mlflow_tracking_uri is set
-
-        run_id = log_variant(values, result, fitted.model)
         return dg.Output(
             record,
             data_version=dg.DataVersion(sha256_bytes(repr(result.fold_scores).encode() + files[MODEL_FILE])),
@@ -260,12 +276,16 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
             decision = decision_for(results, values)
         except ValueError as exc:
             raise dg.Failure(description=str(exc)) from exc
-        summary = decision_summary(decision, dataset, values.experiments.alpha, values.experiments.min_improvement)
+        summary = decision_summary(decision, results, values)
         summary["files"] = {item["variant"]: item["files"] for item in cv_scores.values()}
+        summary["mlflow_runs"] = {item["variant"]: item.get("mlflow_run_id") for item in cv_scores.values()}
         write_json_atomic(experiments_dir(values, dataset) / "decision.json", summary)
-        from wine_assets.tracking import set_aliases
+        from wine_assets.tracking import TrackingError, set_aliases
 
-        set_aliases(values, dataset, summary)
+        try:
+            set_aliases(values, dataset, summary)
+        except TrackingError as exc:
+            raise dg.Failure(description=str(exc)) from exc
         context.log.info("%s: %s", dataset, summary["decision"])
         return dg.Output(summary, metadata=_decision_metadata(summary))
 
@@ -287,7 +307,8 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
 
     @dg.asset(
         key=RELEASE,
-        group_name=GROUP,
+        # a group of its own: selecting the experiments group for a backfill never publishes anything
+        group_name=RELEASE_GROUP,
         partitions_def=datasets,
         ins={
             "champion_decision": dg.AssetIn(key=DECISION),
@@ -317,7 +338,7 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
                 "variant": champion_decision["winner"],
                 "version": result.version,
                 "new_version": result.created,
-                "production": f"v{result.production}",
+                "production": f"v{result.production}" if result.production else "empty",
                 "released_as": params.values.experiments.release_as,
                 "model_sha256": result.manifest["files"][MODEL_FILE]["sha256"],
             }
@@ -401,8 +422,15 @@ def _decision_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def variant_names(params: Params) -> list[str]:
-    return list(variants_of(params))
-
-
-__all__ = ["CHAMPION_VARIANT", "build_experiment_assets", "experiments_dir", "variant_names"]
+def build_definitions(params: Params, resource: WineParamsResource | None = None) -> dg.Definitions:
+    """The experiments location's Definitions: one partition per dataset and per variant of
+    ``params``, whose variants are checked by scikit-learn (a trial fit) before anything loads."""
+    check_variants(params)
+    built = build_experiment_assets(list(params.experiments.datasets), list(variants_of(params)))
+    return dg.Definitions(
+        assets=built["assets"],
+        asset_checks=built["asset_checks"],
+        jobs=built["jobs"],
+        resources={"params": resource or WineParamsResource()},
+        executor=wine_assets_executor,
+    )

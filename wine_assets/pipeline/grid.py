@@ -2,16 +2,17 @@
 
 Each step is a real Dagster run of the experiments location's jobs on the instance in
 ``DAGSTER_HOME`` (visible in the UI, like a backfill). Datasets are ingested and validated first;
-a dataset whose blocking checks fail has its variants skipped, the others go on. The variant
-partitions run in a pool of ``workers`` processes (at most the machine's cores is sensible); then
-each dataset whose variants all succeeded gets its leaderboard and champion_decision.
+a dataset whose blocking checks fail has its variants skipped, the others go on. Then every
+(dataset, variant) partition, then each dataset whose variants all succeeded gets its leaderboard
+and champion_decision. With ``workers`` > 1 each stage's runs go to a pool of that many processes
+(at most the machine's cores is sensible).
 """
 
 import os
 import time
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cache
@@ -42,6 +43,11 @@ class PartitionRun:
     run_id: str
     seconds: float
     problem: str = ""
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset key: its materialization's metadata
+
+    @property
+    def label(self) -> str:
+        return self.dataset if self.variant is None else f"{self.dataset}|{self.variant}"
 
 
 @dataclass
@@ -57,7 +63,7 @@ class GridOutcome:
 
 @cache
 def _definitions(params_file: str | None, base_dir: str) -> tuple[dg.Definitions, Params]:
-    from wine_assets.experiments_definitions import build_definitions
+    from wine_assets.pipeline.experiments import build_definitions
     from wine_assets.pipeline.resources import WineParamsResource
 
     launch = LaunchParams(Path(params_file) if params_file else None, Path(base_dir))
@@ -101,14 +107,22 @@ def run_partition(
             instance=instance,
             tags=launch.to_tags(),
             raise_on_error=False,
-            # the run's full log is in the instance (and the UI); the terminal gets warnings and errors
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            # the run's full log is in the instance (and the UI); the command says what failed and why
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
         )
-        produced = {event.asset_key for event in result.get_asset_materialization_events()}
+        materializations = result.get_asset_materialization_events()
+        produced = {event.asset_key for event in materializations}
+        metadata = {
+            event.asset_key.to_user_string(): {
+                name: value.value for name, value in event.materialization.metadata.items()
+            }
+            for event in materializations
+        }
     expected = _expected_assets(job_name)
     success = result.success and expected <= produced
     problem = "" if success else (_problem(result) or "not every asset was materialized")
-    return PartitionRun(dataset, variant, job_name, success, result.run_id, time.perf_counter() - started, problem)
+    seconds = time.perf_counter() - started
+    return PartitionRun(dataset, variant, job_name, success, result.run_id, seconds, problem, metadata)
 
 
 def _expected_assets(job_name: str) -> set[dg.AssetKey]:
@@ -122,34 +136,66 @@ def _expected_assets(job_name: str) -> set[dg.AssetKey]:
     }[job_name]
 
 
-def run_grid(
-    params_file: str | os.PathLike[str] | None = None,
-    workers: int = 1,
-    datasets: Sequence[str] | None = None,
-) -> GridOutcome:
-    """Every dataset, every variant, every decision of the params (or of ``datasets`` only)."""
-    if not os.environ.get("DAGSTER_HOME"):
+def _home() -> None:
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
         raise GridError(
             "DAGSTER_HOME is not set: the grid's runs must share an instance (and its stored assets). "
             "Use make experiments, or export DAGSTER_HOME=$PWD/.dagster_home"
         )
+    if not Path(home).is_dir():
+        raise GridError(f"DAGSTER_HOME={home} is not a folder: create it (make creates .dagster_home)")
+
+
+def _load(params_file: str | os.PathLike[str] | None) -> tuple[tuple[str | None, str], Params]:
+    """The launch context (params file, base folder) and the params, checked before any run."""
+    _home()
     launch = LaunchParams.resolve(params_file)
-    file_text = str(launch.params_file) if launch.params_file else None
-    _, params = _definitions(file_text, str(launch.base_dir))
-    names = list(datasets or params.experiments.datasets)
+    context = (str(launch.params_file) if launch.params_file else None, str(launch.base_dir))
+    _, params = _definitions(*context)  # also checks every variant with a trial fit
+    return context, params
+
+
+def _known(params: Params, names: Sequence[str]) -> list[str]:
     unknown = [name for name in names if name not in params.experiments.datasets]
     if unknown:
         raise GridError(
             f"no dataset {', '.join(map(repr, unknown))} in experiments.datasets of {params.origin}; "
             f"the datasets are: {', '.join(params.experiments.datasets)}"
         )
-    from wine_assets.experiments import variants_of
+    return list(dict.fromkeys(names))  # each once, in the order given
 
+
+def run_grid(
+    params_file: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    datasets: Sequence[str] | None = None,
+    on_run: Callable[[PartitionRun], None] | None = None,
+) -> GridOutcome:
+    """Every dataset, every variant, every decision of the params (or of ``datasets`` only).
+    ``on_run`` hears of each run as it ends."""
+    try:
+        return _run_grid(params_file, workers, datasets, on_run or (lambda run: None))
+    except dg.DagsterInvariantViolationError as exc:  # an instance that cannot be opened
+        raise GridError(f"the Dagster instance in DAGSTER_HOME cannot be used: {exc}") from exc
+
+
+def _run_grid(
+    params_file: str | os.PathLike[str] | None,
+    workers: int,
+    datasets: Sequence[str] | None,
+    on_run: Callable[[PartitionRun], None],
+) -> GridOutcome:
+    context, params = _load(params_file)
+    names = _known(params, datasets or list(params.experiments.datasets))
+    from wine_assets.experiments import variants_of
+    from wine_assets.tracking import ensure_available
+
+    ensure_available(params)  # MLflow asked for but missing: say so now, not after the scoring
     variant_names = list(variants_of(params))
-    outcome = GridOutcome()
-    context = (file_text, str(launch.base_dir))
     with dg.DagsterInstance.get() as instance:
         instance.get_runs(limit=1)  # a new instance's tables are made here, not by two workers at once
+    outcome = GridOutcome()
     with ExitStack() as stack:
         pool = None
         if workers > 1:
@@ -158,8 +204,15 @@ def run_grid(
 
         def each(job: str, keys: list[tuple[str, ...]]) -> list[PartitionRun]:
             if pool is None or len(keys) < 2:
-                return [run_partition(*context, job, *key) for key in keys]
-            return [future.result() for future in [pool.submit(run_partition, *context, job, *key) for key in keys]]
+                runs = []
+                for key in keys:
+                    runs.append(run_partition(*context, job, *key))
+                    on_run(runs[-1])
+                return runs
+            futures = [pool.submit(run_partition, *context, job, *key) for key in keys]
+            for future in as_completed(futures):
+                on_run(future.result())
+            return [future.result() for future in futures]
 
         ready = []
         for run in each("experiment_datasets_job", [(dataset,) for dataset in names]):
@@ -190,14 +243,20 @@ def run_grid(
 
 def release_winner(params_file: str | os.PathLike[str] | None, dataset: str) -> PartitionRun:
     """Run challenger_release_job for one dataset: the challenger_won check, then the release."""
-    if not os.environ.get("DAGSTER_HOME"):
-        raise GridError("DAGSTER_HOME is not set: the release reads the stored decision from the instance")
-    launch = LaunchParams.resolve(params_file)
-    file_text = str(launch.params_file) if launch.params_file else None
-    _, params = _definitions(file_text, str(launch.base_dir))
-    if dataset not in params.experiments.datasets:
-        raise GridError(
-            f"no dataset {dataset!r} in experiments.datasets of {params.origin}; "
-            f"the datasets are: {', '.join(params.experiments.datasets)}"
-        )
-    return run_partition(file_text, str(launch.base_dir), "challenger_release_job", dataset)
+    try:
+        context, params = _load(params_file)
+        _known(params, [dataset])
+        from wine_assets.pipeline.experiments import DECISION
+
+        with dg.DagsterInstance.get() as instance:
+            found = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=DECISION, asset_partitions=[dataset]), limit=1
+            ).records
+        if not found:
+            raise GridError(
+                f"no champion_decision for dataset {dataset!r} in this DAGSTER_HOME yet: "
+                "run wine-assets experiment run (make experiments) first"
+            )
+        return run_partition(*context, "challenger_release_job", dataset)
+    except dg.DagsterInvariantViolationError as exc:
+        raise GridError(f"the Dagster instance in DAGSTER_HOME cannot be used: {exc}") from exc
