@@ -128,7 +128,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN) + 1 )))
 test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverage (terminal and coverage.xml)
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --cov=wine_assets --cov-report=term-missing --cov-report=xml
 
-test-quick: $(STAMP) ## the quick loop: every test that starts no server or CLI process (-m "not slow")
+test-quick: $(STAMP) ## the quick loop: the tests not marked slow (no Dagster CLI runs, daemon or scale-out servers)
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "not slow"
 
 bench: $(STAMP) ## benchmarks: set-up, overhead, prediction, scale, scale-out, serving, experiments (about 50 minutes) -> benchmarks/RESULTS.md

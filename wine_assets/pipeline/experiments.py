@@ -347,13 +347,11 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
     dataset_job = dg.define_asset_job(
         "experiment_datasets_job",
         selection=dg.AssetSelection.assets(RAW, VALIDATED),
-        partitions_def=datasets,
         description="Ingest and validate one experiment dataset, with the blocking pandera checks.",
     )
     variants_job = dg.define_asset_job(
         "experiment_variants_job",
         selection=dg.AssetSelection.assets(SCORES),
-        partitions_def=grid,
         description="Cross-validate and fit one variant on one dataset.",
     )
     decision_job = dg.define_asset_job(
@@ -361,13 +359,11 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
         # without challenger_won: "keep production" is a normal outcome, not a failed run; the check
         # runs where it matters, in challenger_release_job
         selection=dg.AssetSelection.assets(LEADERBOARD, DECISION).without_checks(),
-        partitions_def=datasets,
         description="The leaderboard and the champion/challenger decision of one dataset, after its variants.",
     )
     release_job = dg.define_asset_job(
         "challenger_release_job",
         selection=dg.AssetSelection.checks_for_assets(DECISION) | dg.AssetSelection.assets(RELEASE),
-        partitions_def=datasets,
         tags={"wine_assets/artifacts": "exclusive"},
         description="Re-run challenger_won on the stored decision; publish the winner only if it passes.",
     )
