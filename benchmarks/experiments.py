@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import yaml
+from synthetic import linear_frame
 
 BIN = Path(sys.executable).parent
 HEADING = "## 6. Experiments: the grid, sequential and in parallel"
@@ -34,21 +33,6 @@ VARIANTS = {
     "gradient_boosting": {"family": "gradient_boosting", "n_estimators": 100, "random_state": 42},
     "logistic_regression": {"family": "logistic_regression", "C": 1.0, "max_iter": 1000},
 }
-
-
-def linear_frame(rows: int = 240, seed: int = 7) -> pd.DataFrame:
-    """Wine-shaped rows whose class is the argmax of linear scores of the features."""
-    from wine_assets.ingestion import load_builtin_frame
-    from wine_assets.validation import FEATURE_COLUMNS
-
-    wine = load_builtin_frame()
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
-        {name: rng.uniform(wine[name].quantile(0.05), wine[name].quantile(0.95), rows) for name in FEATURE_COLUMNS}
-    )
-    standard = ((frame - frame.mean()) / frame.std()).to_numpy()
-    frame["target"] = np.argmax(standard @ rng.normal(size=(len(FEATURE_COLUMNS), 3)), axis=1).astype("int64")
-    return frame
 
 
 def _workspace(root: Path, smoke: bool) -> tuple[Path, dict[str, str]]:

@@ -14,7 +14,7 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils._param_validation import InvalidParameterError
 
 from wine_assets.features import features_of
-from wine_assets.params import ModelParams
+from wine_assets.params import ESTIMATOR_FAMILIES, ModelParams
 from wine_assets.validation import TARGET_COLUMN
 
 DASK_CONNECT_SECONDS = 10.0
@@ -35,14 +35,16 @@ class TrainingResult:
     backend: str = "local"
 
 
-# The families an experiment variant may use: each fits 13 numeric features well at this size.
-FAMILIES: dict[str, type[ClassifierMixin]] = {
+# The families an experiment variant may use (their names are declared with the params, which
+# must not import scikit-learn): each fits 13 numeric features well at this size.
+_CLASSES: dict[str, type[ClassifierMixin]] = {
     "random_forest": RandomForestClassifier,
     "extra_trees": ExtraTreesClassifier,
     "gradient_boosting": GradientBoostingClassifier,
     "logistic_regression": LogisticRegression,
     "decision_tree": DecisionTreeClassifier,
 }
+FAMILIES = {name: _CLASSES[name] for name in ESTIMATOR_FAMILIES}  # a name without a class fails on import
 
 
 def build_estimator(family: str, hyperparameters: dict) -> ClassifierMixin:

@@ -37,10 +37,15 @@ from wine_assets.params import ParamsError, load_params
 from wine_assets.pipeline.experiments import DECISION, SCORES
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError
-from wine_assets.validation import FEATURE_COLUMNS
 
-from .conftest import cli_env, tree_snapshot
+from .conftest import REPO_ROOT, cli_env, tree_snapshot
 from .test_cli import BIN
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+try:
+    from synthetic import linear_frame  # the dataset where production is weak, shared with make bench
+finally:
+    sys.path.remove(str(REPO_ROOT / "benchmarks"))
 
 
 def test_the_corrected_t_statistic_by_hand():
@@ -131,20 +136,6 @@ def test_on_the_wine_data_a_twin_does_not_win_and_a_stump_loses_clearly(training
 
 # -- the experiment grid, run for real: Dagster runs on a DAGSTER_HOME instance through the CLI --
 Completed = subprocess.CompletedProcess
-
-
-def linear_frame(rows: int = 240, seed: int = 7) -> pd.DataFrame:
-    """Wine-shaped data whose class is the argmax of linear scores: logistic regression fits it,
-    axis-aligned trees do not (a forest scores about 0.75 on it, the linear model about 0.95)."""
-    wine = load_builtin_frame()
-    rng = np.random.default_rng(seed)
-    columns = {
-        name: rng.uniform(wine[name].quantile(0.05), wine[name].quantile(0.95), rows) for name in FEATURE_COLUMNS
-    }
-    frame = pd.DataFrame(columns)
-    standard = ((frame - frame.mean()) / frame.std()).to_numpy()
-    frame["target"] = np.argmax(standard @ rng.normal(size=(len(FEATURE_COLUMNS), 3)), axis=1).astype("int64")
-    return frame
 
 
 def run_cli(
@@ -366,8 +357,6 @@ def test_partitions_come_from_the_params(write_params):
 
 @pytest.mark.slow
 def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, write_params, dagster_home):
-    from .conftest import REPO_ROOT
-
     env = cli_env(dagster_home, write_params())
     completed = run_cli(["definitions", "validate", "-w", "workspace.yaml"], env, REPO_ROOT, "dagster")
     assert completed.returncode == 0, completed.stderr[-3000:]

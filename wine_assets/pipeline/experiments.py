@@ -371,7 +371,6 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
         "assets": [raw_wine, validated_wine, cv_scores, leaderboard_asset, champion_decision, challenger_release],
         "asset_checks": [raw_wine_checks, challenger_won],
         "jobs": [dataset_job, variants_job, decision_job, release_job],
-        "partitions": {"datasets": datasets, "grid": grid},
     }
 
 
@@ -418,10 +417,12 @@ def _decision_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_definitions(params: Params, resource: WineParamsResource | None = None) -> dg.Definitions:
+def build_definitions(params: Params, resource: WineParamsResource | None = None, check: bool = True) -> dg.Definitions:
     """The experiments location's Definitions: one partition per dataset and per variant of
-    ``params``, whose variants are checked by scikit-learn (a trial fit) before anything loads."""
-    check_variants(params)
+    ``params``, whose variants are checked by scikit-learn (a trial fit) before anything loads,
+    unless the caller has checked them already (``check=False``)."""
+    if check:
+        check_variants(params)
     built = build_experiment_assets(list(params.experiments.datasets), list(variants_of(params)))
     return dg.Definitions(
         assets=built["assets"],

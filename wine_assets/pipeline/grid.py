@@ -68,7 +68,8 @@ def _definitions(params_file: str | None, base_dir: str) -> tuple[dg.Definitions
 
     launch = LaunchParams(Path(params_file) if params_file else None, Path(base_dir))
     params = launch.load()
-    return build_definitions(params, WineParamsResource(params_file=params_file)), params
+    # the variants were checked once by _load, in the process that starts the grid
+    return build_definitions(params, WineParamsResource(params_file=params_file), check=False), params
 
 
 def _problem(result: dg.ExecuteInProcessResult) -> str:
@@ -152,7 +153,10 @@ def _load(params_file: str | os.PathLike[str] | None) -> tuple[tuple[str | None,
     _home()
     launch = LaunchParams.resolve(params_file)
     context = (str(launch.params_file) if launch.params_file else None, str(launch.base_dir))
-    _, params = _definitions(*context)  # also checks every variant with a trial fit
+    _, params = _definitions(*context)
+    from wine_assets.experiments import check_variants
+
+    check_variants(params)  # every variant, with a trial fit, before any run
     return context, params
 
 
