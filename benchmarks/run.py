@@ -3,6 +3,7 @@ experiments.
 
     make bench                                   # python benchmarks/run.py --output benchmarks/RESULTS.md
     python benchmarks/run.py --smoke --output /tmp/RESULTS.md   # 10^3 rows, one run each (CI)
+    python -m benchmarks.run --smoke --output /tmp/RESULTS.md   # the same, from the repository's root
 
 Everything runs on this machine in temporary folders; the report says what the machine is.
 Timings are wall-clock medians over runs taken alternately in one session, so slow drift of
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +33,15 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(HERE))
+if not __package__:
+    # `python benchmarks/run.py`: the benchmarks are a package of the repository, as under `python -m benchmarks.run`
+    sys.path.insert(0, str(HERE.parent))
 
-from experiments import HEADING as EXPERIMENTS_HEADING  # noqa: E402
-from experiments import experiments  # noqa: E402
-from serving import HEADING as SERVING_HEADING  # noqa: E402
-from serving import serving  # noqa: E402
-from synthetic import synthetic_frame, write_csv  # noqa: E402
+from benchmarks.experiments import HEADING as EXPERIMENTS_HEADING  # noqa: E402
+from benchmarks.experiments import experiments  # noqa: E402
+from benchmarks.serving import HEADING as SERVING_HEADING  # noqa: E402
+from benchmarks.serving import serving  # noqa: E402
+from benchmarks.synthetic import synthetic_frame, write_csv  # noqa: E402
 
 STEP_TIMEOUT = 600  # seconds: the scale runs stop at the first size that needs longer
 
@@ -132,10 +135,7 @@ def setup(tmp: Path, runs: int, pip_runs: int) -> list[str]:
     empty package caches; and the same package set installed by pip, for comparison."""
     repo = HERE.parent
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
-    clean_env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "UV", "PIP"))}
-    clean_env.pop("DAGSTER_HOME", None)
-    clean_env.pop("WINE_ASSETS_PARAMS", None)
-    clean_env["PYTHONWARNINGS"] = "ignore"
+    clean_env = setup_env(os.environ)
     first_run, cold_install, warm_install, pip_install = [], [], [], []
     for index in range(runs):
         clone = tmp / f"clone-{index}"
@@ -193,25 +193,46 @@ def setup(tmp: Path, runs: int, pip_runs: int) -> list[str]:
         )
         timed_shell([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", "-e", "."], clone, env)
         pip_install.append(time.perf_counter() - started)
+    return setup_lines(head.stdout.strip(), runs, first_run, cold_install, warm_install, pip_install)
 
-    def cell(values: list[float]) -> str:
-        return f"{fmt(median(values))} | {', '.join(f'{v:.1f}' for v in values)}"
 
+def setup_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """A new user's environment: no venv, uv or pip settings of this session, no Dagster home or params file."""
+    clean_env = {key: value for key, value in environ.items() if not key.startswith(("VIRTUAL_ENV", "UV", "PIP"))}
+    clean_env.pop("DAGSTER_HOME", None)
+    clean_env.pop("WINE_ASSETS_PARAMS", None)
+    clean_env["PYTHONWARNINGS"] = "ignore"
+    return clean_env
+
+
+def times_cell(values: Sequence[float]) -> str:
+    """Two table cells: the median, and every run in seconds."""
+    return f"{fmt(median(values))} | {', '.join(f'{v:.1f}' for v in values)}"
+
+
+def setup_lines(
+    head: str,
+    runs: int,
+    first_run: Sequence[float],
+    cold_install: Sequence[float],
+    warm_install: Sequence[float],
+    pip_install: Sequence[float],
+) -> list[str]:
     return [
         "## 0. Set-up",
         "",
-        f"A fresh `git clone` of this commit ({head.stdout.strip()}), then `make run` as a new user types it: "
+        f"A fresh `git clone` of this commit ({head}), then `make run` as a new user types it: "
         "uv bootstrapped from PyPI into `.tools/uv`, `uv sync --locked` of `uv.lock` into `.venv`, then "
         "`dagster asset materialize --select '*'` and the summary. Package caches empty at the start "
         f"(`UV_CACHE_DIR`, `PIP_CACHE_DIR` in fresh folders); {runs} clone(s).",
         "",
         "| what | median | runs (s) |",
         "|---|---|---|",
-        f"| first `make run` of a fresh clone, install included | {cell(first_run)} |",
-        f"| `make install` into a new `.venv`, uv cache empty | {cell(cold_install)} |",
-        f"| `make install` into a new `.venv`, uv cache warm | {cell(warm_install)} |",
+        f"| first `make run` of a fresh clone, install included | {times_cell(first_run)} |",
+        f"| `make install` into a new `.venv`, uv cache empty | {times_cell(cold_install)} |",
+        f"| `make install` into a new `.venv`, uv cache warm | {times_cell(warm_install)} |",
         f"| pip: the same locked set (`uv export`, `pip install --no-deps --require-hashes`) and the project, "
-        f"new venv, pip cache empty | {cell(pip_install) if pip_install else 'not run | '} |",
+        f"new venv, pip cache empty | {times_cell(pip_install) if pip_install else 'not run | '} |",
         "",
         f"Target: the first `make run` under 60 s (now {fmt(median(first_run))}).",
         "",
@@ -233,12 +254,25 @@ def overhead_at_size(tmp: Path, rows: int, runs: int) -> list[str]:
             workspace = Workspace(tmp / f"overhead-{rows}-{kind}-{index}", {"data": {"source": str(source)}})
             command = [*BARE, str(workspace.params_file)] if kind == "bare" else CLI
             times[kind].append(run(command, workspace)[0])
-    bare, cli = median(times["bare"]), median(times["cli"])
+    return overhead_at_size_lines(rows, runs, median(times["bare"]), median(times["cli"]))
+
+
+def overhead_at_size_lines(rows: int, runs: int, bare: float, cli: float) -> list[str]:
     return [
         f"The same comparison on {rows:,} synthetic rows (see Scale), {runs} runs each, default params: "
         f"bare {fmt(bare)}, CLI {fmt(cli)}, **ratio {cli / bare:.2f}x**.",
         "",
     ]
+
+
+def work_seconds(stderr: str) -> float:
+    """The work's seconds that bare_pipeline.py writes to standard error under WINE_BENCH_TIMING=1."""
+    return float(stderr.split("work_seconds")[1].split()[0])
+
+
+def last_json(stdout: str) -> dict:
+    """The report inprocess_run.py prints as the last line of its standard output."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def overhead(tmp: Path, runs: int, multiprocess_runs: int, noop_runs: int) -> tuple[list[str], Workspace]:
@@ -251,19 +285,19 @@ def overhead(tmp: Path, runs: int, multiprocess_runs: int, noop_runs: int) -> tu
             workspace = Workspace(tmp / f"overhead-{kind}-{index}")
             if kind == "bare":
                 elapsed, completed = run([*BARE, str(workspace.params_file)], workspace, {"WINE_BENCH_TIMING": "1"})
-                work.append(float(completed.stderr.split("work_seconds")[1].split()[0]))
+                work.append(work_seconds(completed.stderr))
             elif kind == "cli":
                 elapsed, _ = run(CLI, workspace)
                 last = workspace
             else:
                 elapsed, completed = run([*INPROCESS, str(workspace.params_file), str(workspace.home)], workspace)
-                materialize_call.append(json.loads(completed.stdout.strip().splitlines()[-1])["materialize_seconds"])
+                materialize_call.append(last_json(completed.stdout)["materialize_seconds"])
             times[kind].append(elapsed)
 
     for index in range(runs):
         workspace = Workspace(tmp / f"overhead-warm-{index}")
         _, completed = run([*INPROCESS, str(workspace.params_file), str(workspace.home), "--twice"], workspace)
-        warm_call.append(json.loads(completed.stdout.strip().splitlines()[-1])["warm_materialize_seconds"])
+        warm_call.append(last_json(completed.stdout)["warm_materialize_seconds"])
 
     multiprocess = []
     config = tmp / "multiprocess.yaml"
@@ -279,9 +313,24 @@ def overhead(tmp: Path, runs: int, multiprocess_runs: int, noop_runs: int) -> tu
             command = [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "noop_graph.py")]
             noop[steps].append(run([*command, "--select", f"group:chain_{steps}"], workspace)[0])
 
+    assert last is not None
+    return overhead_lines(runs, times, multiprocess, work, materialize_call, warm_call, noop), last
+
+
+def overhead_lines(
+    runs: int,
+    times: dict[str, list[float]],
+    multiprocess: Sequence[float],
+    work: Sequence[float],
+    materialize_call: Sequence[float],
+    warm_call: Sequence[float],
+    noop: dict[int, list[float]],
+) -> list[str]:
+    """Section 1 from its measurements: whole processes (times: bare, cli, inprocess), in-process calls
+    and the no-op chains of 1 and 21 steps."""
     bare, cli = median(times["bare"]), median(times["cli"])
     per_step = (median(noop[21]) - median(noop[1])) / 20
-    lines = [
+    return [
         "## 1. Pipeline overhead",
         "",
         "The whole graph (11 steps: 10 assets, of which train_set and test_set share a step, and the "
@@ -316,22 +365,30 @@ def overhead(tmp: Path, runs: int, multiprocess_runs: int, noop_runs: int) -> tu
         f"about {fmt(median(noop[1]))} for starting the CLI, loading a definitions module, running and exiting.",
         "",
     ]
-    assert last is not None
-    return lines, last
 
 
 # -- 2. prediction -----------------------------------------------------------------------------
 def prediction(released: Workspace, tmp: Path, cold_runs: int, reps: dict[int, int]) -> list[str]:
-    from wine_assets.predict import load_bundle, predict
     from wine_assets.validation import FEATURE_COLUMNS
 
     registry = released.root / "registry"
-    bundle = load_bundle(registry_dir=registry)
-    rows = [
-        "| rows | wine_assets.predict | raw scikit-learn | ratio | rows/s (predict) | rows/s (raw) |",
-        "|---|---|---|---|---|---|",
+    measured = measure_prediction(registry, reps)
+    one = tmp / "one-row.csv"
+    synthetic_frame(1, seed=1).loc[:, list(FEATURE_COLUMNS)].to_csv(one, index=False)
+    cold = [
+        run([str(BIN / "wine-assets"), "predict", str(one), "--registry", str(registry)], released)[0]
+        for _ in range(cold_runs)
     ]
-    ratios = {}
+    return prediction_lines(reps, measured, cold)
+
+
+def measure_prediction(registry: Path, reps: dict[int, int]) -> dict[int, tuple[list[float], list[float]]]:
+    """Per size: the times of `predict()` and of the raw scikit-learn calls on the same frame, alternately."""
+    from wine_assets.predict import load_bundle, predict
+    from wine_assets.validation import FEATURE_COLUMNS
+
+    bundle = load_bundle(registry_dir=registry)
+    measured = {}
     for size, repeat in reps.items():
         frame = synthetic_frame(size, seed=size).loc[:, list(FEATURE_COLUMNS)]
 
@@ -341,20 +398,27 @@ def prediction(released: Workspace, tmp: Path, cold_runs: int, reps: dict[int, i
         def raw(frame=frame) -> None:
             bundle.model.predict_proba(bundle.scaler.transform(frame))
 
-        api_times, raw_times = alternate(api, raw, repeat)
+        measured[size] = alternate(api, raw, repeat)
+    return measured
+
+
+def prediction_lines(
+    reps: dict[int, int], measured: dict[int, tuple[list[float], list[float]]], cold: Sequence[float]
+) -> list[str]:
+    """Section 2 from measure_prediction's times and the cold `wine-assets predict` runs."""
+    rows = [
+        "| rows | wine_assets.predict | raw scikit-learn | ratio | rows/s (predict) | rows/s (raw) |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios = {}
+    for size, (api_times, raw_times) in measured.items():
         ratio = median(api_times) / median(raw_times)
         ratios[size] = ratio
         rows.append(
             f"| {size:,} | {fmt(median(api_times))} | {fmt(median(raw_times))} | {ratio:.2f}x | "
             f"{size / median(api_times):,.0f} | {size / median(raw_times):,.0f} |"
         )
-
-    one = tmp / "one-row.csv"
-    synthetic_frame(1, seed=1).loc[:, list(FEATURE_COLUMNS)].to_csv(one, index=False)
-    cold = [
-        run([str(BIN / "wine-assets"), "predict", str(one), "--registry", str(registry)], released)[0]
-        for _ in range(cold_runs)
-    ]
+    cold_runs = len(cold)
     return [
         "## 2. Prediction",
         "",
@@ -390,7 +454,7 @@ def alternate(first: Callable[[], None], second: Callable[[], None], repeat: int
 # -- 3. scale ----------------------------------------------------------------------------------
 STAGES = [
     ("raw_wine", "ingestion: read the CSV"),
-    ("raw_wine_checks", "data checks (pandera, sample size, outliers, drift)"),
+    ("raw_wine_check", "data checks (pandera, sample size, outliers, drift)"),
     ("validated_wine", "validation: pandera schema"),
     ("train_test_split_assets", "split"),
     ("scaler", "scaler"),
@@ -429,9 +493,8 @@ class RssSampler(threading.Thread):
 
 
 def scale(tmp: Path, sizes: Sequence[int], n_jobs: int) -> list[str]:
-    header = ["| step |", "|---|"]
-    cells: dict[str, list[str]] = {step: [] for step, _ in STAGES}
-    totals, peaks, notes, finished = [], [], [], []
+    columns: list[tuple[int, dict[str, str]]] = []
+    notes: list[str] = []
     for size in sizes:
         workspace = Workspace(tmp / f"scale-{size}", {"data": {"source": "wine.csv"}, "model": {"n_jobs": n_jobs}})
         write_csv(size, workspace.root / "wine.csv", seed=size)
@@ -463,34 +526,49 @@ def scale(tmp: Path, sizes: Sequence[int], n_jobs: int) -> list[str]:
         if process.returncode != 0:
             notes.append(f"{size:,} rows failed: {stderr[-800:]}")
             break
-        report = json.loads(stdout.strip().splitlines()[-1])
+        report = last_json(stdout)
         if not report["success"]:
             notes.append(f"{size:,} rows: the run did not succeed (a check failed); see its steps below.")
-        header[0] += f" {size:,} rows |"
-        header[1] += "---|"
-        for step, _ in STAGES:
-            timing = report["steps"].get(step)
-            if timing and "end" in timing:
-                seconds = timing["end"] - timing["start"]
-                peak = sampler.peak(timing["start"], timing["end"])
-                cells[step].append(f"{fmt(seconds)}, {peak / 2**20:,.0f} MiB")
-            else:
-                cells[step].append("skipped")
-        totals.append(elapsed)
-        peaks.append(max((rss for _, rss in sampler.samples), default=0))
+        columns.append((size, scale_cells(report, sampler.peak)))
         model_file = workspace.root / "artifacts" / "model.joblib"
-        notes.append(
-            f"{size:,} rows: whole process {fmt(elapsed)}, peak memory {peaks[-1] / 2**20:,.0f} MiB, "
-            f"model.joblib {model_file.stat().st_size / 2**20:,.1f} MiB."
-            if model_file.exists()
-            else f"{size:,} rows: whole process {fmt(elapsed)}."
-        )
-        finished.append(size)
-    rows = [header[0], header[1]]
-    for step, label in STAGES:
-        if cells[step]:
-            rows.append(f"| {label} (`{step}`) | " + " | ".join(cells[step]) + " |")
-    largest = f"{max(finished):,}" if finished else "none"
+        peak = max((rss for _, rss in sampler.samples), default=0)
+        notes.append(scale_note(size, elapsed, peak, model_file.stat().st_size if model_file.exists() else None))
+    return scale_lines(sizes, n_jobs, columns, notes)
+
+
+def scale_cells(report: dict, peak: Callable[[float, float], int]) -> dict[str, str]:
+    """One size's column: each step's wall time (from inprocess_run.py's report) and the peak memory
+    while it ran (``peak(start, end)`` in bytes), or "skipped" for a step that did not end."""
+    cells = {}
+    for step, _ in STAGES:
+        timing = report["steps"].get(step)
+        if timing and "end" in timing:
+            seconds = timing["end"] - timing["start"]
+            cells[step] = f"{fmt(seconds)}, {peak(timing['start'], timing['end']) / 2**20:,.0f} MiB"
+        else:
+            cells[step] = "skipped"
+    return cells
+
+
+def scale_note(size: int, elapsed: float, peak: int, model_bytes: int | None) -> str:
+    """A size's whole process: time, peak memory in bytes and the size of model.joblib (None: not written)."""
+    if model_bytes is None:
+        return f"{size:,} rows: whole process {fmt(elapsed)}."
+    return (
+        f"{size:,} rows: whole process {fmt(elapsed)}, peak memory {peak / 2**20:,.0f} MiB, "
+        f"model.joblib {model_bytes / 2**20:,.1f} MiB."
+    )
+
+
+def scale_lines(
+    sizes: Sequence[int], n_jobs: int, columns: Sequence[tuple[int, dict[str, str]]], notes: Sequence[str]
+) -> list[str]:
+    """Section 3: a column per size that finished, (size, scale_cells), in the order run; and the notes."""
+    rows = ["| step |" + "".join(f" {size:,} rows |" for size, _ in columns), "|---|" + "---|" * len(columns)]
+    if columns:
+        for step, label in STAGES:
+            rows.append(f"| {label} (`{step}`) | " + " | ".join(cells[step] for _, cells in columns) + " |")
+    largest = f"{max(size for size, _ in columns):,}" if columns else "none"
     return [
         "## 3. Scale",
         "",
@@ -600,7 +678,19 @@ def scaleout(tmp: Path, runs: int, noop_runs: int, multiprocess_runs: int, train
         if worker is not None:
             _stop_group(worker)
         services.purge(state, env_file)
+    return scaleout_lines(runs, noop_runs, multiprocess_runs, whole, noop, training)
 
+
+def scaleout_lines(
+    runs: int,
+    noop_runs: int,
+    multiprocess_runs: int,
+    whole: dict[tuple[str, str], list[float]],
+    noop: dict[tuple[str, str, int], list[float]],
+    training: dict[int, dict[str, list[float]]],
+) -> list[str]:
+    """Section 4 from its measurements: the whole graph per (instance, executor), the no-op chains of
+    1 and 21 steps per (instance, executor, steps), and the training times per rows and way."""
     baseline = median(whole[("sqlite", "in_process")])
     lines = [
         SCALEOUT_HEADING,
@@ -633,6 +723,13 @@ def scaleout(tmp: Path, runs: int, noop_runs: int, multiprocess_runs: int, train
         lines.append(f"| {rows:,} | " + " | ".join(fmt(median(values)) for values in times.values()) + " |")
     lines.append("")
     return lines
+
+
+def scaleout_skip_reason(smoke: bool, skip_scaleout: bool, missing: Sequence[str]) -> str | None:
+    """Why section 4 is not run (the servers it needs that are not installed come first), or None."""
+    if smoke or skip_scaleout or missing:
+        return f"{', '.join(missing)} not installed" if missing else "`--smoke` or `--skip-scaleout`"
+    return None
 
 
 def servers_missing() -> list[str]:
@@ -672,7 +769,7 @@ def only_section(command: str, output: Path, heading: str, measure: Callable[[Pa
 
 
 # -- main --------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument(
@@ -708,6 +805,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run only section 6 (the experiment grid) and replace it in the existing --output file",
     )
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many runs of what: `--smoke`'s one run of everything, or the measurement's."""
+
+    runs: int
+    multiprocess_runs: int
+    noop_runs: int
+    cold_runs: int
+    sizes: list[int]
+    reps: dict[int, int]
+    large_rows: int
+    large_runs: int
+    setup_runs: tuple[int, int]  # section 0: fresh clones, pip installs
+
+
+def plan_for(args: argparse.Namespace) -> Plan:
+    if args.smoke:
+        # No multiprocess run: a process per step is a minute of imports that measures nothing
+        # here, and test_cli runs the same command with the multiprocess executor.
+        return Plan(1, 0, 1, 1, [10**3], {1: 5, 1000: 3}, 10**3, 1, (1, 0))
+    return Plan(args.runs, 2, args.runs, 5, args.sizes, {1: 300, 1000: 100, 100_000: 15}, 10**5, 3, (2, 1))
+
+
+def report_text(command: str, started: float, finished: float, smoke: bool, sections: Sequence[list[str]]) -> str:
+    """The results file: the command, when and how long (epoch seconds), the machine, then the sections."""
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+            f"in {(finished - started) / 60:.1f} minutes"
+            + (" (smoke run: one run each, not a measurement)" if smoke else "")
+            + ".",
+            "",
+            "The machine:",
+            "",
+            *machine_lines(),
+            "",
+            *(line for section in sections for line in section),
+        ]
+    )
+    return text.rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     if args.only_experiments:
@@ -718,57 +864,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if servers_missing():
             parser.error(f"section 4 needs {', '.join(servers_missing())} (apt-get install postgresql redis-server)")
         return only_section(command, args.output, SCALEOUT_HEADING, lambda tmp: scaleout(tmp, 2, 2, 1, [10**5, 10**6]))
-    if args.smoke:
-        # No multiprocess run: a process per step is a minute of imports that measures nothing
-        # here, and test_cli runs the same command with the multiprocess executor.
-        runs, multiprocess_runs, noop_runs, cold_runs, sizes = 1, 0, 1, 1, [10**3]
-        reps = {1: 5, 1000: 3}
-        large_rows, large_runs = 10**3, 1
-    else:
-        runs, multiprocess_runs, noop_runs, cold_runs, sizes = args.runs, 2, args.runs, 5, args.sizes
-        reps = {1: 300, 1000: 100, 100_000: 15}
-        large_rows, large_runs = 10**5, 3
+    plan = plan_for(args)
 
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="wine-bench-") as scratch:
         tmp = Path(scratch)
-        setup_lines = [] if args.skip_setup else setup(tmp, *((1, 0) if args.smoke else (2, 1)))
-        overhead_lines, released = overhead(tmp, runs, multiprocess_runs, noop_runs)
-        overhead_lines += overhead_at_size(tmp, large_rows, large_runs)
-        prediction_lines = prediction(released, tmp, cold_runs, reps)
-        scale_lines = scale(tmp, sizes, args.n_jobs)
-        missing = servers_missing()
-        if args.smoke or args.skip_scaleout or missing:
-            why = f"{', '.join(missing)} not installed" if missing else "`--smoke` or `--skip-scaleout`"
-            scaleout_lines = [SCALEOUT_HEADING, "", f"Not run ({why}).", ""]
+        setup_section = [] if args.skip_setup else setup(tmp, *plan.setup_runs)
+        overhead_section, released = overhead(tmp, plan.runs, plan.multiprocess_runs, plan.noop_runs)
+        overhead_section += overhead_at_size(tmp, plan.large_rows, plan.large_runs)
+        prediction_section = prediction(released, tmp, plan.cold_runs, plan.reps)
+        scale_section = scale(tmp, plan.sizes, args.n_jobs)
+        why = scaleout_skip_reason(args.smoke, args.skip_scaleout, servers_missing())
+        if why is not None:
+            scaleout_section = [SCALEOUT_HEADING, "", f"Not run ({why}).", ""]
         else:
-            scaleout_lines = scaleout(tmp, 2, 2, 1, [10**5, 10**6])
-        serving_lines = serving(tmp, smoke=args.smoke)
-        experiment_lines = experiments(tmp, smoke=args.smoke)
-    text = "\n".join(
-        [
-            "# Benchmark results",
-            "",
-            f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
-            f"in {(time.time() - started) / 60:.1f} minutes"
-            + (" (smoke run: one run each, not a measurement)" if args.smoke else "")
-            + ".",
-            "",
-            "The machine:",
-            "",
-            *machine_lines(),
-            "",
-            *setup_lines,
-            *overhead_lines,
-            *prediction_lines,
-            *scale_lines,
-            *scaleout_lines,
-            *serving_lines,
-            *experiment_lines,
-        ]
-    )
+            scaleout_section = scaleout(tmp, 2, 2, 1, [10**5, 10**6])
+        serving_section = serving(tmp, smoke=args.smoke)
+        experiments_section = experiments(tmp, smoke=args.smoke)
+    sections = [
+        setup_section,
+        overhead_section,
+        prediction_section,
+        scale_section,
+        scaleout_section,
+        serving_section,
+        experiments_section,
+    ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text.rstrip() + "\n")
+    args.output.write_text(report_text(command, started, time.time(), args.smoke, sections))
     print(f"results written to {args.output}")
     return 0
 

@@ -123,34 +123,40 @@ def _seconds(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
+def wrk_command(url: str, connections: int, seconds: int, script: Path) -> list[str]:
     threads = min(connections, 2)
+    # --timeout 30s: a slow server's latency is measured, not cut off at wrk's default 2 s
+    return [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
-        # --timeout 30s: a slow server's latency is measured, not cut off at wrk's default 2 s
-        [
-            "wrk",
-            "-t",
-            str(threads),
-            "-c",
-            str(connections),
-            "-d",
-            f"{seconds}s",
-            "--timeout",
-            "30s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 120,
+        wrk_command(url, connections, seconds, script), capture_output=True, text=True, timeout=seconds + 120
     ).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """wrk's report (with --latency): median and p99 latency in seconds, requests/s, failed and all requests."""
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
+    errors = (0) + (
         sum(int(value) for value in socket_errors.groups()) if socket_errors else 0
     )
     return {
@@ -160,6 +166,15 @@ def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, flo
         "errors": errors,
         "requests": requests,
     }
+
+
+def wrk_script(data: bytes) -> str:
+    """wrk's Lua script: every request a POST of ``data`` (a JSON string is a valid Lua string)."""
+    return (
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(data.decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
 
 
 # -- the servers -------------------------------------------------------------------------------
@@ -283,34 +298,47 @@ def start_mlflow(python: Path, registry: Path, folder: Path) -> Running:
 
 def check_identical(url: str, registry: Path, rows: int) -> str:
     """Ours over HTTP against the batch path: classes equal and the largest probability difference."""
-    from wine_assets.ingestion import load_builtin_frame
-    from wine_assets.predict import clear_cache, predict
-    from wine_assets.validation import BOUNDS, FEATURE_COLUMNS
+    from wine_assets.predict import clear_cache
 
-    wines = load_builtin_frame().iloc[:, :13].to_numpy()
-    lows = np.array([BOUNDS[name][0] for name in FEATURE_COLUMNS])
-    highs = np.array([BOUNDS[name][1] for name in FEATURE_COLUMNS])
-    random_rows = lows + np.random.default_rng(5).random((rows, 13)) * (highs - lows)
     clear_cache()
     lines = []
-    for name, values in (("the 178 wines", wines), (f"{rows:,} random in-bounds rows", random_rows)):
+    for name, values in check_rows(rows):
         served = []
         for begin in range(0, len(values), 10_000):
             status, content = post(url + "/invocations", body(values=values[begin : begin + 10_000]))
             if status != 200:
                 raise RuntimeError(f"ours answered {status}: {content[:300]!r}")
             served.extend(json.loads(content)["predictions"])
-        served_frame = pd.DataFrame(served)
-        expected = predict(pd.DataFrame(values, columns=list(FEATURE_COLUMNS)), registry_dir=registry).predictions
-        probabilities = [column for column in expected if column.startswith("probability_")]
-        same_classes = bool(
-            (served_frame["predicted_class"].to_numpy() == expected["predicted_class"].to_numpy()).all()
-        )
-        difference = float(np.abs(served_frame[probabilities].to_numpy() - expected[probabilities].to_numpy()).max())
-        if not same_classes or difference > 1e-9:
-            raise RuntimeError(f"ours differs from the batch path on {name}: classes {same_classes}, {difference}")
-        lines.append(f"- {name}: same classes, largest probability difference {difference:.1e}")
+        lines.append(compare_with_batch(name, values, served, registry))
     return "\n".join(lines)
+
+
+def check_rows(rows: int) -> list[tuple[str, np.ndarray]]:
+    """What check_identical sends: the 178 wines, and ``rows`` seeded random rows within the schema's bounds."""
+    from wine_assets.ingestion import load_builtin_frame
+    from wine_assets.validation import BOUNDS, FEATURE_COLUMNS
+
+    wines = load_builtin_frame().iloc[:, :13].to_numpy()
+    lows = np.array([BOUNDS[name][0] for name in FEATURE_COLUMNS])
+    highs = np.array([BOUNDS[name][1] for name in FEATURE_COLUMNS])
+    random_rows = lows + np.random.default_rng(5).random((rows, 13)) * (highs - lows)
+    return [("the 178 wines", wines), (f"{rows:,} random in-bounds rows", random_rows)]
+
+
+def compare_with_batch(name: str, values: np.ndarray, served: list[dict], registry: Path) -> str:
+    """The served predictions (records) of ``values`` against `predict()` on them: the report's line,
+    or RuntimeError when a class differs or a probability by more than 1e-9."""
+    from wine_assets.predict import predict
+    from wine_assets.validation import FEATURE_COLUMNS
+
+    served_frame = pd.DataFrame(served)
+    expected = predict(pd.DataFrame(values, columns=list(FEATURE_COLUMNS)), registry_dir=registry).predictions
+    probabilities = [column for column in expected if column.startswith("probability_")]
+    same_classes = bool((served_frame["predicted_class"].to_numpy() == expected["predicted_class"].to_numpy()).all())
+    difference = float(np.abs(served_frame[probabilities].to_numpy() - expected[probabilities].to_numpy()).max())
+    if not same_classes or difference > 1e-9:
+        raise RuntimeError(f"ours differs from the batch path on {name}: classes {same_classes}, {difference}")
+    return f"- {name}: same classes, largest probability difference {difference:.1e}"
 
 
 def serving(tmp: Path, smoke: bool) -> list[str]:
@@ -329,11 +357,7 @@ def serving(tmp: Path, smoke: bool) -> list[str]:
     env = {**os.environ, "WINE_ASSETS_PARAMS": str(params)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     script = folder / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(body(1).decode())}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    script.write_text(wrk_script(body(1)))
     connections = [1] if smoke else [1, 16, 64]
     seconds, repeats = (1, 1) if smoke else (10, 3)
     servers: list[Running] = []
@@ -395,7 +419,21 @@ def serving(tmp: Path, smoke: bool) -> list[str]:
     finally:
         for server in servers:
             stop(server.process)
-    lines += [
+    names = [server.name for server in servers]
+    return [*lines, *serving_lines(seconds, repeats, mlflow_note, identical, connections, names, results)]
+
+
+def serving_lines(
+    seconds: int,
+    repeats: int,
+    mlflow_note: str,
+    identical: str,
+    connections: list[int],
+    names: list[str],
+    results: dict[tuple[str, int], list[dict[str, float]]],
+) -> list[str]:
+    """Section 5 after its heading, from wrk's results per (server name, connections); names: ours first."""
+    lines = [
         f"One worker per server, one-row POSTs of the same `dataframe_split` body, wrk in a second process "
         f"({seconds} s per run, {repeats} run(s) per cell taken alternately; medians). MLflow: {mlflow_note}.",
         "",
@@ -407,22 +445,22 @@ def serving(tmp: Path, smoke: bool) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for count in connections:
-        for server in servers:
-            runs = results[(server.name, count)]
+        for name in names:
+            runs = results[(name, count)]
             lines.append(
-                f"| {server.name} | {count} | {statistics.median(r['p50'] for r in runs) * 1000:.2f} ms "
+                f"| {name} | {count} | {statistics.median(r['p50'] for r in runs) * 1000:.2f} ms "
                 f"| {statistics.median(r['p99'] for r in runs) * 1000:.2f} ms "
                 f"| {statistics.median(r['rps'] for r in runs):,.0f} | {int(sum(r['errors'] for r in runs))} "
                 f"of {int(sum(r['requests'] for r in runs)):,} |"
             )
     lines.append("")
     ours = {count: statistics.median(r["rps"] for r in results[("ours", count)]) for count in connections}
-    for server in servers[1:]:
+    for name in names[1:]:
         ratios = ", ".join(
-            f"{ours[count] / statistics.median(r['rps'] for r in results[(server.name, count)]):.1f}x at {count}"
+            f"{ours[count] / statistics.median(r['rps'] for r in results[(name, count)]):.1f}x at {count}"
             for count in connections
         )
-        lines.append(f"Throughput of ours / {server.name}: {ratios} connection(s).")
+        lines.append(f"Throughput of ours / {name}: {ratios} connection(s).")
     p50 = statistics.median(r["p50"] for r in results[("ours", 1)]) * 1000
     p99 = statistics.median(r["p99"] for r in results[("ours", 1)]) * 1000
     targets = [f"median {p50:.2f} ms (target <= 2 ms)", f"p99 {p99:.2f} ms (target <= 10 ms) at 1 connection"]

@@ -7,7 +7,6 @@ Helpers that are not fixtures live in support.py.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +28,9 @@ from .support import (
     BIN,
     CeleryWorker,
     InProcessCli,
+    build_once,
     cli_env,
+    copy_folder,
     fresh_database,
     make_dagster_home,
     make_postgres_home,
@@ -139,34 +140,6 @@ def wine_assets_cli(monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
 
 
 # -- work done once per test run and shared by every xdist worker ----------------------------------
-def shared_folder(factory: pytest.TempPathFactory, name: str) -> Path:
-    """A folder every xdist worker of this run sees (the base temp folder's parent under xdist)."""
-    base = factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-
-
-def build_once(
-    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]
-) -> tuple[Path, dict]:
-    """Run ``build(folder)`` once per test run: the first worker to get here builds under a file
-    lock, the others wait and reuse the folder and the JSON record it returned."""
-    root = shared_folder(factory, name)
-    record_file = root.parent / f"{name}.json"
-    with open(root.parent / f"{name}.lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if not record_file.is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            record_file.write_text(json.dumps(build(root)), encoding="utf-8")
-    return root, json.loads(record_file.read_text(encoding="utf-8"))
-
-
-def copy_folder(source: Path, target: Path) -> Path:
-    """A private copy of a shared folder (relative paths in its params.yaml follow the copy)."""
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    return target
-
-
 @dataclass(frozen=True)
 class Materialized:
     """A folder after one real `dagster asset materialize --select '*'`: params.yaml, artifacts/,

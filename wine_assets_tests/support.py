@@ -7,16 +7,19 @@ Tests import from here, never from another test module or conftest.py; fixtures 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -196,6 +199,35 @@ class InProcessCli:
             patch.setattr(sys, "stdout", out)
             patch.setattr(sys, "stderr", err)
             yield out, err
+
+
+# -- work done once per test run and shared by every xdist worker --------------------------------
+def shared_folder(factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder every xdist worker of this run sees (the base temp folder's parent under xdist)."""
+    base = factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+def build_once(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, Any]]
+) -> tuple[Path, dict]:
+    """Run ``build(folder)`` once per test run: the first worker to get here builds under a file
+    lock, the others wait and reuse the folder and the JSON record it returned."""
+    root = shared_folder(factory, name)
+    record_file = root.parent / f"{name}.json"
+    with open(root.parent / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not record_file.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            record_file.write_text(json.dumps(build(root)), encoding="utf-8")
+    return root, json.loads(record_file.read_text(encoding="utf-8"))
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """A private copy of a shared folder (relative paths in its params.yaml follow the copy)."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.component
 def test_new_same_and_changed_files(instance, write_params, write_csv, watch_dir):
     params_file = write_params(data={"watch_dir": "incoming"})
     first = write_csv("incoming/harvest.csv")
@@ -60,6 +61,7 @@ def test_new_same_and_changed_files(instance, write_params, write_csv, watch_dir
     assert request.run_key == sha(first) != new.run_requests[0].run_key
 
 
+@pytest.mark.component
 def test_a_file_still_being_written_is_skipped_then_picked_up(instance, write_params, watch_dir, wine_frame):
     params_file = write_params(data={"watch_dir": "incoming"})
     target = watch_dir / "slow.csv"
@@ -92,6 +94,7 @@ def test_a_file_still_being_written_is_skipped_then_picked_up(instance, write_pa
     assert [request.run_key for request in done.run_requests] == [sha(target)]
 
 
+@pytest.mark.component
 def test_unreadable_and_empty_files_are_skipped_without_blocking_others(instance, write_params, write_csv, watch_dir):
     params_file = write_params(data={"watch_dir": "incoming"})
     os.symlink(watch_dir / "gone.csv", watch_dir / "broken.csv")
@@ -106,18 +109,21 @@ def test_unreadable_and_empty_files_are_skipped_without_blocking_others(instance
     assert [request.run_key for request in again.run_requests] == [sha(fixed)]
 
 
+@pytest.mark.component
 def test_a_csv_source_is_watched_when_there_is_no_watch_dir(instance, write_params, write_csv):
     csv = write_csv("wine.csv")
     result = tick(instance, write_params(data={"source": "wine.csv"}))
     assert [request.run_key for request in result.run_requests] == [sha(csv)]
 
 
+@pytest.mark.component
 def test_the_builtin_source_gives_nothing_to_watch(instance, write_params):
     result = tick(instance, write_params())
     assert result.run_requests == []
     assert "nothing to watch" in result.skip_message
 
 
+@pytest.mark.component
 def test_data_already_trained_on_is_not_requested(instance, write_params, write_csv):
     csv = write_csv("wine.csv")
     params_file = write_params(data={"source": "wine.csv"})
@@ -134,6 +140,7 @@ def test_data_already_trained_on_is_not_requested(instance, write_params, write_
     assert [request.run_key for request in tick(instance, params_file).run_requests] == [sha(csv)]
 
 
+@pytest.mark.component
 def test_release_sensor_requests_release_job_with_the_training_params(instance, write_params, monkeypatch):
     params_file = write_params()
     monkeypatch.setenv("WINE_ASSETS_PARAMS", str(params_file))
@@ -154,6 +161,7 @@ def test_release_sensor_requests_release_job_with_the_training_params(instance, 
     assert release_after_training.job_name == "release_job"
 
 
+@pytest.mark.unit
 def test_sensor_settings_come_from_the_environment(monkeypatch):
     assert sensor_interval() == 30
     assert sensor_default_status() == dg.DefaultSensorStatus.STOPPED
@@ -168,6 +176,7 @@ def test_sensor_settings_come_from_the_environment(monkeypatch):
         sensor_interval()
 
 
+@pytest.mark.unit
 def test_retrain_schedule_is_daily_and_stopped():
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.cron_schedule == "0 3 * * *"
@@ -175,11 +184,13 @@ def test_retrain_schedule_is_daily_and_stopped():
     assert schedule.job_name == "training_job"
 
 
+@pytest.mark.unit
 def test_cursor_round_trip_and_foreign_cursors():
     assert decode_cursor(encode_cursor({"/a.csv": "x"})) == {"/a.csv": "x"}
     assert decode_cursor(None) == decode_cursor("") == decode_cursor("not json") == decode_cursor("[1]") == {}
 
 
+@pytest.mark.component
 def test_a_watched_path_with_yaml_characters_reaches_the_run_intact(instance, write_params, write_csv, watch_dir):
     from wine_assets.params import load_params
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from benchmarks.synthetic import linear_frame  # the dataset where production is weak, shared with make bench
 from wine_assets.experiments import (
     Protocol,
     VariantScores,
@@ -38,16 +41,18 @@ from wine_assets.pipeline.experiments import DECISION, SCORES
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError
 
-from .conftest import REPO_ROOT, cli_env, tree_snapshot
-from .test_cli import BIN
+from .support import (
+    REPO_ROOT,
+    build_once,
+    cli_env,
+    copy_folder,
+    make_dagster_home,
+    run_program,
+    tree_snapshot,
+)
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-try:
-    from synthetic import linear_frame  # the dataset where production is weak, shared with make bench
-finally:
-    sys.path.remove(str(REPO_ROOT / "benchmarks"))
 
-
+@pytest.mark.unit
 def test_the_corrected_t_statistic_by_hand():
     differences = [0.02, 0.0, 0.05, -0.01, 0.03, 0.01]
     t_value, dof, p_value, (low, high) = corrected_ttest(differences, n_train=120, n_test=30, delta=0.0)
@@ -61,6 +66,7 @@ def test_the_corrected_t_statistic_by_hand():
     assert naive < p_value
 
 
+@pytest.mark.unit
 def test_a_minimum_improvement_shifts_the_test_and_constant_differences_are_decided_by_sign():
     differences = [0.03, 0.04, 0.05, 0.02, 0.06]
     _, _, without, _ = corrected_ttest(differences, 100, 25, delta=0.0)
@@ -72,6 +78,7 @@ def test_a_minimum_improvement_shifts_the_test_and_constant_differences_are_deci
         corrected_ttest([0.1], 100, 25)
 
 
+@pytest.mark.unit
 def test_holm_adjusts_step_down_and_stays_monotone():
     adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
     assert adjusted == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
@@ -79,6 +86,7 @@ def test_holm_adjusts_step_down_and_stays_monotone():
     assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
 
 
+@pytest.mark.unit
 def test_the_decision_needs_significance_and_the_gate():
     champion = [0.90, 0.92, 0.91, 0.89, 0.93, 0.90, 0.91, 0.92, 0.90, 0.91]
     better = [score + 0.06 + 0.002 * (i % 3) for i, score in enumerate(champion)]
@@ -112,6 +120,7 @@ def fold_accuracies(model, features, labels, protocol):
     return scores
 
 
+@pytest.mark.unit
 def test_on_the_wine_data_a_twin_does_not_win_and_a_stump_loses_clearly(training_rows):
     features, labels = training_rows
     protocol = Protocol(folds=5, repeats=5, seed=0)
@@ -134,21 +143,78 @@ def test_on_the_wine_data_a_twin_does_not_win_and_a_stump_loses_clearly(training
     assert reverse.adjusted_p_values[reverse.winner] < 0.01
 
 
-# -- the experiment grid, run for real: Dagster runs on a DAGSTER_HOME instance through the CLI --
-Completed = subprocess.CompletedProcess
+# -- the experiment grid, run for real once per test run: Dagster runs on a DAGSTER_HOME instance
+# through the real `wine-assets experiment run`, shared by every grid test (each mutating test works
+# on a private copy). Three datasets: the wines (where production is strong: a stump loses, a twin
+# is noise), the linear data of benchmarks/synthetic.py (where logistic regression wins) and the
+# wines with a NaN (blocked by its check, alone). Tracked in MLflow when the extra is installed.
+GRID_VARIANTS = {
+    "stump": {"family": "decision_tree", "max_depth": 1, "random_state": 0},
+    # production's configuration with another seed: any gain is noise
+    "twin": {"family": "random_forest", "n_estimators": 30, "random_state": 7},
+    "logistic": {"family": "logistic_regression", "C": 10.0, "max_iter": 2000},
+}
 
 
-def run_cli(
-    args: list[str], env: dict[str, str], cwd: Path, program: str = "wine-assets"
-) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / program), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+def experiment_document(**experiments: Any) -> dict[str, Any]:
+    return {
+        "paths": {"artifacts_dir": "artifacts", "registry_dir": "registry"},
+        "model": {"n_estimators": 30},
+        "experiments": {"folds": 5, "repeats": 2, "seed": 3, **experiments},
+    }
 
 
-def experiment_params(write_params: Any, **experiments: Any) -> Path:
-    return write_params(
-        model={"n_estimators": 30},
-        experiments={"folds": 5, "repeats": 2, "seed": 3, **experiments},
-    )
+def _run_the_grid(root: Path) -> dict[str, Any]:
+    linear_frame().to_csv(root / "linear.csv", index=False)
+    broken = load_builtin_frame()
+    broken.loc[5, "alcohol"] = np.nan
+    broken.to_csv(root / "broken.csv", index=False)
+    experiments: dict[str, Any] = {
+        "datasets": {"wine": "builtin", "linear": "linear.csv", "broken": "broken.csv"},
+        "variants": GRID_VARIANTS,
+    }
+    tracked = importlib.util.find_spec("mlflow") is not None
+    if tracked:
+        (root / "tracking").mkdir()
+        experiments["mlflow_tracking_uri"] = "sqlite:///tracking/mlflow.db"
+    (root / "params.yaml").write_text(yaml.safe_dump(experiment_document(**experiments)))
+    elsewhere = root / "elsewhere"  # the command runs from another folder: paths follow the params file
+    elsewhere.mkdir()
+    env = cli_env(make_dagster_home(root / "dagster_home"), root / "params.yaml")
+    completed = run_program("wine-assets", "experiment", "run", "--workers", "2", env=env, cwd=elsewhere)
+    return {
+        "returncode": completed.returncode,
+        "stdout": completed.stdout,
+        "stderr": completed.stderr,
+        "mlflow": tracked,
+    }
+
+
+@dataclass(frozen=True)
+class Grid:
+    root: Path
+    env: dict[str, str]
+    run: dict[str, Any]
+
+    @property
+    def home(self) -> Path:
+        return Path(self.env["DAGSTER_HOME"])
+
+    def decision(self, dataset: str) -> dict[str, Any]:
+        return json.loads((self.root / f"artifacts/experiments/{dataset}/decision.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def grid_once(tmp_path_factory) -> Grid:
+    root, record = build_once(tmp_path_factory, "experiment_grid", _run_the_grid)
+    return Grid(root, cli_env(root / "dagster_home", root / "params.yaml"), record)
+
+
+@pytest.fixture
+def grid(grid_once: Grid, tmp_path: Path) -> Grid:
+    """A private copy of the grid's folder (params, artifacts, instance, tracking store)."""
+    copy_folder(grid_once.root, tmp_path)
+    return Grid(tmp_path, cli_env(tmp_path / "dagster_home", tmp_path / "params.yaml"), grid_once.run)
 
 
 def stored_partitions(home: Path, key: AssetKey) -> set[str]:
@@ -157,90 +223,72 @@ def stored_partitions(home: Path, key: AssetKey) -> set[str]:
         return {record.partition_key for record in records}
 
 
-@pytest.mark.slow
-def test_weak_and_twin_variants_are_not_promoted_and_release_is_blocked(tmp_path, write_params, dagster_home):
-    params_file = experiment_params(
-        write_params,
-        datasets={"wine": "builtin"},
-        variants={
-            "stump": {"family": "decision_tree", "max_depth": 1, "random_state": 0},
-            # production's configuration with another seed: any gain is noise
-            "twin": {"family": "random_forest", "n_estimators": 30, "random_state": 7},
-        },
-    )
-    env = cli_env(dagster_home, params_file)
-    completed = run_cli(["experiment", "run"], env, tmp_path)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    summary = json.loads((tmp_path / "artifacts/experiments/wine/decision.json").read_text())
+@pytest.mark.integration
+def test_the_grid_runs_every_partition_and_a_bad_dataset_blocks_only_itself(grid_once):
+    run = grid_once.run
+    assert run["returncode"] == 1, run["stderr"][-3000:]  # one dataset was not compared
+    assert "dataset 'broken' not compared: check no_missing_values failed" in run["stderr"]
+    assert "Traceback" not in run["stderr"]
+    assert "== wine: decision: keep production ==" in run["stdout"]
+    assert "== linear: decision: promote logistic ==" in run["stdout"]
+    variants = {"production", *GRID_VARIANTS}
+    assert stored_partitions(grid_once.home, SCORES) == {
+        f"{dataset}|{variant}" for dataset in ("wine", "linear") for variant in variants
+    }
+    assert stored_partitions(grid_once.home, DECISION) == {"wine", "linear"}
+    assert not (grid_once.root / "registry").exists()  # the grid never publishes
+
+
+@pytest.mark.integration
+def test_weak_and_twin_variants_are_not_promoted_and_release_is_blocked(grid, wine_assets_cli):
+    summary = grid.decision("wine")
     assert summary["decision"] == "keep production" and summary["winner"] == "production"
     tests = {test["challenger"]: test for test in summary["tests"]}
     assert tests["stump"]["mean_difference"] < -0.1 and tests["stump"]["holm_p_value"] > 0.9
     assert tests["twin"]["holm_p_value"] >= 0.05
-    assert "decision: keep production" in completed.stdout and "stump" in completed.stdout
-    rows = json.loads((tmp_path / "artifacts/experiments/wine/leaderboard.json").read_text())
-    assert rows[-1]["variant"] == "stump" and [row["rank"] for row in rows] == [1, 2, 3]
+    rows = json.loads((grid.root / "artifacts/experiments/wine/leaderboard.json").read_text())
+    assert rows[-1]["variant"] == "stump" and [row["rank"] for row in rows] == [1, 2, 3, 4]
     # every partition is a materialization in the instance, each with its per-fold scores
-    assert stored_partitions(dagster_home, SCORES) == {"wine|production", "wine|stump", "wine|twin"}
-    with DagsterInstance.from_config(str(dagster_home)) as instance:
+    with DagsterInstance.from_config(str(grid.home)) as instance:
         record = instance.fetch_materializations(SCORES, limit=1).records[0]
         metadata = record.asset_materialization.metadata
         assert len(metadata["fold_scores"].value) == 10 and 0 < metadata["mean_accuracy"].value <= 1
-        decision = instance.fetch_materializations(DECISION, limit=1).records[0].asset_materialization.metadata
+        decisions = instance.fetch_materializations(DECISION, limit=10).records
+        decision = next(r for r in decisions if r.partition_key == "wine").asset_materialization.metadata
         assert decision["decision"].value == "keep production"
         assert decision["p_value"].value == pytest.approx(summary["p_value"])
     # the blocking check stops the release; nothing reaches the registry
-    released = run_cli(["experiment", "release", "--dataset", "wine"], env, tmp_path)
+    released = wine_assets_cli("experiment", "release", "--dataset", "wine", env=grid.env, cwd=grid.root)
     assert released.returncode == 1
     assert "challenger_won failed (keep production)" in released.stderr
-    assert not (tmp_path / "registry").exists()
+    assert not (grid.root / "registry").exists()
     # the same params give the same fold scores: the pure function outside Dagster agrees
-    params = load_params(params_file)
+    params = load_params(grid.root / "params.yaml")
     fitted = score_variant(load_builtin_frame(), "wine", variants_of(params)["twin"], params)
-    stored = json.loads((tmp_path / "artifacts/experiments/wine/twin/scores.json").read_text())
+    stored = json.loads((grid.root / "artifacts/experiments/wine/twin/scores.json").read_text())
     assert stored["fold_scores"] == fitted.scores.fold_scores
 
 
-@pytest.mark.slow
-def test_a_better_family_is_promoted_released_and_a_bad_dataset_blocks_only_itself(
-    tmp_path, write_params, dagster_home
-):
-    linear_frame().to_csv(tmp_path / "linear.csv", index=False)
-    broken = load_builtin_frame()
-    broken.loc[5, "alcohol"] = np.nan
-    broken.to_csv(tmp_path / "broken.csv", index=False)
-    params_file = experiment_params(
-        write_params,
-        datasets={"linear": "linear.csv", "broken": "broken.csv"},
-        variants={"logistic": {"family": "logistic_regression", "C": 10.0, "max_iter": 2000}},
-    )
-    env = cli_env(dagster_home, params_file)
-    registry_before = tree_snapshot(tmp_path / "registry")
-    completed = run_cli(["experiment", "run", "--workers", "2"], env, tmp_path)
-    assert completed.returncode == 1  # one dataset was not compared
-    assert "dataset 'broken' not compared: check no_missing_values failed" in completed.stderr
-    assert "== linear: decision: promote logistic ==" in completed.stdout
-    assert stored_partitions(dagster_home, SCORES) == {"linear|production", "linear|logistic"}
-    assert stored_partitions(dagster_home, DECISION) == {"linear"}
-    summary = json.loads((tmp_path / "artifacts/experiments/linear/decision.json").read_text())
+@pytest.mark.integration
+def test_a_better_family_is_released_as_candidate_then_production(grid, wine_assets_cli):
+    summary = grid.decision("linear")
     assert summary["challenger"] == "logistic" and summary["p_value"] < 0.05 and summary["effect_size"] > 0
-    assert tree_snapshot(tmp_path / "registry") == registry_before  # the grid never publishes
 
     # as a candidate first: published, production untouched, ready for serving.candidate_version
-    candidate_params = tmp_path / "candidate.yaml"
-    document = yaml.safe_load(params_file.read_text())
+    document = yaml.safe_load((grid.root / "params.yaml").read_text())
     document["experiments"]["release_as"] = "candidate"
+    candidate_params = grid.root / "candidate.yaml"
     candidate_params.write_text(yaml.safe_dump(document))
-    released = run_cli(
-        ["experiment", "release", "--dataset", "linear"], cli_env(dagster_home, candidate_params), tmp_path
-    )
+    candidate_env = cli_env(grid.home, candidate_params)
+    released = wine_assets_cli("experiment", "release", "--dataset", "linear", env=candidate_env, cwd=grid.root)
     assert released.returncode == 0, released.stderr[-3000:]
     assert "production stays empty; to A/B test it, set serving.experiment and serving.candidate_version: 1" in (
         released.stdout
     )
-    registry = ModelRegistry(tmp_path / "registry")
+    registry = ModelRegistry(grid.root / "registry")
     assert registry.versions() == [1] and registry.production_version() is None
     # then as production: the same bytes, so no new version; the alias moves
-    released = run_cli(["experiment", "release", "--dataset", "linear"], env, tmp_path)
+    released = wine_assets_cli("experiment", "release", "--dataset", "linear", env=grid.env, cwd=grid.root)
     assert released.returncode == 0, released.stderr[-3000:]
     assert "released logistic from linear as v1" in released.stdout and "production is v1" in released.stdout
     manifest = registry.manifest(1)
@@ -252,54 +300,67 @@ def test_a_better_family_is_promoted_released_and_a_bad_dataset_blocks_only_itse
     # the released bytes are the ones the partition wrote and the decision judged
     assert manifest["files"]["model.joblib"]["sha256"] == summary["files"]["logistic"]["model.joblib"]
     # and the ordinary predict path scores with it
-    predicted = run_cli(["predict", str(tmp_path / "linear.csv"), "--output", str(tmp_path / "out.csv")], env, tmp_path)
+    out = grid.root / "out.csv"
+    predicted = wine_assets_cli("predict", grid.root / "linear.csv", "--output", out, env=grid.env, cwd=grid.root)
     assert predicted.returncode == 0, predicted.stderr
-    scored = pd.read_csv(tmp_path / "out.csv")
-    assert (scored["predicted_class"] == linear_frame()["target"]).mean() > 0.85
-    # the decision is out of date once its dataset holds other rows: refused, registry untouched
-    before = tree_snapshot(tmp_path / "registry")
-    linear_frame(seed=8).to_csv(tmp_path / "linear.csv", index=False)
-    datasets = ["experiments/raw_wine,experiments/validated_wine", "--partition", "linear"]
+    assert (pd.read_csv(out)["predicted_class"] == linear_frame()["target"]).mean() > 0.85
+
+
+@pytest.mark.integration
+def test_one_partition_from_the_dagster_command_line_and_a_decision_out_of_date(grid, wine_assets_cli):
+    """The README's way to materialize single partitions with `dagster asset materialize`; once a
+    dataset holds other rows, its decision is out of date and its release is refused."""
+    before = tree_snapshot(grid.root / "registry")
+    linear_frame(seed=8).to_csv(grid.root / "linear.csv", index=False)
     module = ["asset", "materialize", "-m", "wine_assets.experiments_definitions", "--select"]
-    assert run_cli([*module, *datasets], env, tmp_path, "dagster").returncode == 0
-    refused = run_cli(["experiment", "release", "--dataset", "linear"], env, tmp_path)
+    datasets = run_program(
+        "dagster", *module, "experiments/raw_wine,experiments/validated_wine", "--partition", "linear",
+        env=grid.env, cwd=grid.root,
+    )  # fmt: skip
+    assert datasets.returncode == 0, datasets.stderr[-3000:]
+    refused = wine_assets_cli("experiment", "release", "--dataset", "linear", env=grid.env, cwd=grid.root)
     assert refused.returncode == 1 and "the rows of dataset 'linear' changed after the decision" in refused.stderr
-    assert tree_snapshot(tmp_path / "registry") == before
+    assert tree_snapshot(grid.root / "registry") == before
+    scores_file = grid.root / "artifacts/experiments/linear/stump/scores.json"
+    old = json.loads(scores_file.read_text())
+    one = run_program("dagster", *module, "experiments/cv_scores", "--partition", "linear|stump", env=grid.env,
+                      cwd=grid.root)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    scores = json.loads(scores_file.read_text())
+    assert len(scores["fold_scores"]) == 10 and scores["family"] == "decision_tree"
+    assert scores["fold_scores"] != old["fold_scores"]  # scored on the new rows
+    with DagsterInstance.from_config(str(grid.home)) as instance:
+        records = instance.fetch_materializations(SCORES, limit=100).records
+    assert sum(record.partition_key == "linear|stump" for record in records) == 2
 
 
-@pytest.mark.slow
-def test_mlflow_tracking_logs_every_partition_and_mirrors_the_decision(tmp_path, write_params, dagster_home):
+@pytest.mark.integration
+def test_mlflow_tracking_logs_every_partition_and_mirrors_the_decision(grid_once):
     mlflow = pytest.importorskip("mlflow")
-    params_file = experiment_params(
-        write_params,
-        repeats=1,
-        datasets={"wine": "builtin"},
-        variants={"stump": {"family": "decision_tree", "max_depth": 1, "random_state": 0}},
-        mlflow_tracking_uri="sqlite:///tracking/mlflow.db",
-    )
-    (tmp_path / "tracking").mkdir()
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    completed = run_cli(["experiment", "run"], cli_env(dagster_home, params_file), elsewhere)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'tracking/mlflow.db'}")
+    assert grid_once.run["mlflow"]
+    store = f"sqlite:///{grid_once.root / 'tracking/mlflow.db'}"
+    client = mlflow.MlflowClient(store)
     experiment = client.get_experiment_by_name("wine_assets/wine")
     runs = {run.data.tags["variant"]: run for run in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"production", "stump"}
-    stored = json.loads((tmp_path / "artifacts/experiments/wine/stump/scores.json").read_text())
+    assert set(runs) == {"production", *GRID_VARIANTS}
+    stored = json.loads((grid_once.root / "artifacts/experiments/wine/stump/scores.json").read_text())
     history = client.get_metric_history(runs["stump"].info.run_id, "fold_accuracy")
     assert [metric.value for metric in sorted(history, key=lambda m: m.step)] == stored["fold_scores"]
     assert runs["stump"].data.params["hp.max_depth"] == "1"
+    summary = json.loads((grid_once.root / "artifacts/experiments/wine/decision.json").read_text())
     aliases = client.get_registered_model("wine-wine").aliases
-    assert client.get_model_version("wine-wine", aliases["champion"]).run_id == runs["production"].info.run_id
-    assert client.get_model_version("wine-wine", aliases["challenger"]).run_id == runs["stump"].info.run_id
+    champion = client.get_model_version("wine-wine", aliases["champion"])
+    challenger = client.get_model_version("wine-wine", aliases["challenger"])
+    assert champion.run_id == runs["production"].info.run_id
+    assert challenger.run_id == runs[summary["challenger"]].info.run_id
     # the model artifacts sit with the other artifacts, not in the folder the command ran from
-    assert not (elsewhere / "mlruns").exists() and (tmp_path / "artifacts/mlflow").is_dir()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'tracking/mlflow.db'}")
-    logged = mlflow.sklearn.load_model("models:/wine-wine@challenger")
-    assert type(logged).__name__ == "DecisionTreeClassifier"
+    assert not (grid_once.root / "elsewhere" / "mlruns").exists() and (grid_once.root / "artifacts/mlflow").is_dir()
+    mlflow.set_tracking_uri(store)
+    logged = mlflow.sklearn.load_model("models:/wine-wine@champion")
+    assert type(logged).__name__ == "RandomForestClassifier"
 
 
+@pytest.mark.unit
 def test_tracking_set_without_mlflow_installed_names_the_key_and_the_extra(monkeypatch, write_params):
     import builtins
 
@@ -321,6 +382,7 @@ def test_tracking_set_without_mlflow_installed_names_the_key_and_the_extra(monke
     assert log_variant(load_params(write_params(name="off.yaml")), None, None) is None
 
 
+@pytest.mark.component
 def test_partitions_come_from_the_params(write_params):
     from wine_assets.pipeline.experiments import build_definitions
 
@@ -355,37 +417,18 @@ def test_partitions_come_from_the_params(write_params):
     }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_workspace_loads_both_locations_and_bad_params_are_named(tmp_path, write_params, dagster_home):
     env = cli_env(dagster_home, write_params())
-    completed = run_cli(["definitions", "validate", "-w", "workspace.yaml"], env, REPO_ROOT, "dagster")
+    completed = run_program("dagster", "definitions", "validate", "-w", "workspace.yaml", env=env, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     output = completed.stdout + completed.stderr
     assert "wine_assets_experiments" in output and "All code locations passed" in output
     bad = write_params(name="bad.yaml", experiments={"variants": {"et": {"family": "extra_trees", "n_estimators": 0}}})
     validate = ["definitions", "validate", "-m", "wine_assets.experiments_definitions"]
-    completed = run_cli(validate, cli_env(dagster_home, bad), tmp_path, "dagster")
+    completed = run_program("dagster", *validate, env=cli_env(dagster_home, bad), cwd=tmp_path)
     assert completed.returncode != 0
     assert "bad.yaml: experiments.variants.et: The 'n_estimators' parameter" in completed.stdout + completed.stderr
-
-
-@pytest.mark.slow
-def test_one_partition_from_the_dagster_command_line(tmp_path, write_params, dagster_home):
-    """The README's way to materialize a single partition with `dagster asset materialize`."""
-    params_file = experiment_params(
-        write_params, repeats=1, variants={"stump": {"family": "decision_tree", "max_depth": 1}}
-    )
-    env = cli_env(dagster_home, params_file)
-    module = ["asset", "materialize", "-m", "wine_assets.experiments_definitions"]
-    for selection, partition in (
-        ("experiments/raw_wine,experiments/validated_wine", "wine"),
-        ("experiments/cv_scores", "wine|stump"),
-    ):
-        completed = run_cli([*module, "--select", selection, "--partition", partition], env, tmp_path, "dagster")
-        assert completed.returncode == 0, completed.stderr[-3000:]
-    assert stored_partitions(dagster_home, SCORES) == {"wine|stump"}
-    scores = json.loads((tmp_path / "artifacts/experiments/wine/stump/scores.json").read_text())
-    assert len(scores["fold_scores"]) == 5 and scores["family"] == "decision_tree"
 
 
 def _scores(variant: str, folds: int = 5, seed: int = 1) -> VariantScores:
@@ -408,6 +451,7 @@ def _scores(variant: str, folds: int = 5, seed: int = 1) -> VariantScores:
     )
 
 
+@pytest.mark.unit
 def test_partitions_scored_on_other_folds_are_not_compared(write_params):
     params = load_params(write_params())
     with pytest.raises(
@@ -418,6 +462,7 @@ def test_partitions_scored_on_other_folds_are_not_compared(write_params):
         decision_for([_scores("other")], params)
 
 
+@pytest.mark.unit
 def test_release_refuses_a_kept_champion_and_a_decision_that_is_out_of_date(tmp_path, write_params):
     params = load_params(write_params(experiments={"variants": {"other": {"family": "decision_tree"}}}))
     frame = load_builtin_frame()
@@ -450,6 +495,7 @@ def test_release_refuses_a_kept_champion_and_a_decision_that_is_out_of_date(tmp_
     assert not (tmp_path / "registry").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("variant", "expected"),
     [
@@ -476,6 +522,7 @@ def test_variants_scikit_learn_refuses_fail_before_any_partition(write_params, v
     assert expected in lines[0]
 
 
+@pytest.mark.integration
 def test_loading_params_with_variants_does_not_import_scikit_learn(write_params, tmp_path):
     """`wine-assets summary` and friends read the params; scikit-learn costs them a second."""
     path = write_params(experiments={"variants": {"et": {"family": "extra_trees"}}})
@@ -484,28 +531,28 @@ def test_loading_params_with_variants_does_not_import_scikit_learn(write_params,
     assert completed.stdout.strip() == "False", completed.stderr
 
 
-@pytest.mark.slow
-def test_experiment_commands_refuse_clearly_and_run_nothing(tmp_path, write_params, dagster_home):
-    params_file = experiment_params(write_params, repeats=1, variants={})
+@pytest.mark.component
+def test_experiment_commands_refuse_clearly_and_run_nothing(tmp_path, write_params, dagster_home, wine_assets_cli):
+    params_file = write_params(model={"n_estimators": 30}, experiments={"folds": 5, "repeats": 1, "variants": {}})
     env = cli_env(dagster_home, params_file)
     outcomes = {
         "show before any run": (
-            run_cli(["experiment", "show"], env, tmp_path),
+            wine_assets_cli("experiment", "show", env=env, cwd=tmp_path),
             1,
             "no decision for dataset 'wine' yet",
         ),
         "release before any decision": (
-            run_cli(["experiment", "release", "--dataset", "wine"], env, tmp_path),
+            wine_assets_cli("experiment", "release", "--dataset", "wine", env=env, cwd=tmp_path),
             2,
             "no champion_decision for dataset 'wine' in this DAGSTER_HOME yet",
         ),
         "unknown dataset": (
-            run_cli(["experiment", "run", "--dataset", "nope"], env, tmp_path),
+            wine_assets_cli("experiment", "run", "--dataset", "nope", env=env, cwd=tmp_path),
             2,
             "no dataset 'nope' in experiments.datasets",
         ),
         "no instance folder": (
-            run_cli(["experiment", "run"], {**env, "DAGSTER_HOME": str(tmp_path / "missing")}, tmp_path),
+            wine_assets_cli("experiment", "run", env={**env, "DAGSTER_HOME": str(tmp_path / "missing")}, cwd=tmp_path),
             2,
             "missing is not a folder",
         ),
@@ -514,7 +561,7 @@ def test_experiment_commands_refuse_clearly_and_run_nothing(tmp_path, write_para
         name="bad.yaml", experiments={"variants": {"lr": {"family": "logistic_regression", "penalty": "l1"}}}
     )
     outcomes["a variant scikit-learn refuses"] = (
-        run_cli(["--params", str(bad), "experiment", "run"], env, tmp_path),
+        wine_assets_cli("--params", str(bad), "experiment", "run", env=env, cwd=tmp_path),
         2,
         "bad.yaml: experiments.variants.lr: logistic_regression fails a trial fit on 30 rows",
     )
@@ -524,7 +571,9 @@ def test_experiment_commands_refuse_clearly_and_run_nothing(tmp_path, write_para
     (elsewhere / "params.yaml").write_text("experiments: {folds: 1}\n")
     without = {key: value for key, value in env.items() if key != "WINE_ASSETS_PARAMS"}
     outcomes["--params over ./params.yaml"] = (
-        run_cli(["--params", str(params_file), "experiment", "release", "--dataset", "wine"], without, elsewhere),
+        wine_assets_cli(
+            "--params", str(params_file), "experiment", "release", "--dataset", "wine", env=without, cwd=elsewhere
+        ),
         2,
         "no champion_decision for dataset 'wine'",
     )

@@ -14,6 +14,7 @@ from wine_assets.params import load_params
 from wine_assets.validation import FEATURE_COLUMNS
 
 
+@pytest.mark.unit
 def test_builtin_source_is_the_wine_data_set(write_params):
     raw = load_raw(load_params(write_params()))
     assert raw.frame.shape == (178, 14)
@@ -23,6 +24,7 @@ def test_builtin_source_is_the_wine_data_set(write_params):
     assert raw.frame.attrs[FINGERPRINT_ATTR] == raw.fingerprint == fingerprint_frame(raw.frame)
 
 
+@pytest.mark.unit
 def test_builtin_fingerprint_follows_the_values(wine_frame):
     changed = wine_frame.copy()
     changed.loc[0, "alcohol"] += 0.01
@@ -30,6 +32,7 @@ def test_builtin_fingerprint_follows_the_values(wine_frame):
     assert fingerprint_frame(changed) != fingerprint_frame(wine_frame)
 
 
+@pytest.mark.unit
 def test_csv_source_is_read_and_fingerprinted_by_its_bytes(write_params, write_csv, wine_frame):
     csv = write_csv()
     raw = load_raw(load_params(write_params(data={"source": csv.name})))
@@ -39,11 +42,13 @@ def test_csv_source_is_read_and_fingerprinted_by_its_bytes(write_params, write_c
     assert raw.frame["alcohol"].tolist() == pytest.approx(wine_frame["alcohol"].tolist())
 
 
+@pytest.mark.unit
 def test_missing_file_names_file_and_key(tmp_path):
     with pytest.raises(IngestionError, match=r"data\.source: data file not found: .*absent\.csv"):
         read_csv_source(tmp_path / "absent.csv")
 
 
+@pytest.mark.unit
 def test_empty_file_names_file_and_key(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
@@ -51,6 +56,7 @@ def test_empty_file_names_file_and_key(tmp_path):
         read_csv_source(empty)
 
 
+@pytest.mark.unit
 def test_header_only_file_has_no_rows(tmp_path):
     header = tmp_path / "header.csv"
     header.write_text(",".join([*FEATURE_COLUMNS, "target"]) + "\n")
@@ -58,6 +64,7 @@ def test_header_only_file_has_no_rows(tmp_path):
         read_csv_source(header)
 
 
+@pytest.mark.unit
 def test_folder_and_binary_files_are_refused(tmp_path):
     with pytest.raises(IngestionError, match="is a folder, not a CSV file"):
         read_csv_source(tmp_path)

@@ -12,15 +12,17 @@ from wine_assets.params import (
     params_to_yaml,
 )
 
-from .conftest import REPO_ROOT
+from .support import REPO_ROOT
 
 
+@pytest.mark.unit
 def test_repository_params_equal_the_defaults():
     loaded = load_params(REPO_ROOT / "params.yaml")
     assert loaded == Params()
     assert loaded.source_file == (REPO_ROOT / "params.yaml").resolve()
 
 
+@pytest.mark.unit
 def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(tmp_path, monkeypatch):
     folder = tmp_path / "config"
     folder.mkdir()
@@ -35,6 +37,7 @@ def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(tmp_path, 
     assert params.data_source_path == folder / "data" / "w.csv"
 
 
+@pytest.mark.unit
 def test_environment_variable_names_the_file(tmp_path, monkeypatch):
     path = tmp_path / "other.yaml"
     path.write_text("model: {n_estimators: 7}\n")
@@ -42,12 +45,14 @@ def test_environment_variable_names_the_file(tmp_path, monkeypatch):
     assert load_params().model.n_estimators == 7
 
 
+@pytest.mark.unit
 def test_missing_file_named_by_environment_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("WINE_ASSETS_PARAMS", str(tmp_path / "nope.yaml"))
     with pytest.raises(ParamsError, match=r"nope\.yaml.*WINE_ASSETS_PARAMS"):
         load_params()
 
 
+@pytest.mark.unit
 def test_without_any_file_the_defaults_apply(tmp_path):
     params = load_params()
     assert params == Params()
@@ -55,6 +60,7 @@ def test_without_any_file_the_defaults_apply(tmp_path):
     assert params.artifacts_dir == (tmp_path / "artifacts").resolve()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
@@ -85,6 +91,7 @@ def test_bad_values_name_the_file_key_and_allowed_range(write_params, section, k
     assert str(path) in str(error.value)
 
 
+@pytest.mark.unit
 def test_unknown_keys_and_sections_are_refused(write_params, tmp_path):
     with pytest.raises(ParamsError, match=r"unknown key model\.n_trees; the keys of 'model' are: n_estimators"):
         load_params(write_params(model={"n_trees": 5}))
@@ -99,6 +106,7 @@ def test_unknown_keys_and_sections_are_refused(write_params, tmp_path):
     assert "unknown section '1'" in str(error.value)
 
 
+@pytest.mark.unit
 def test_malformed_documents_are_refused(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data: [unclosed\n")
@@ -110,6 +118,7 @@ def test_malformed_documents_are_refused(tmp_path):
         params_from_mapping({"model": 3})
 
 
+@pytest.mark.unit
 def test_overrides_change_one_value_and_are_validated(write_params):
     path = write_params(model={"n_estimators": 30})
     params = load_params(path, ["model.n_estimators=5", "data.source=other.csv", "model.max_depth=null"])
@@ -124,12 +133,14 @@ def test_overrides_change_one_value_and_are_validated(write_params):
         load_params(path, ["modle.n_estimators=5"])
 
 
+@pytest.mark.unit
 def test_params_round_trip_through_yaml(write_params):
     params = load_params(write_params(model={"n_estimators": 12, "class_weight": "balanced"}))
     again = params_from_mapping(yaml.safe_load(params_to_yaml(params)))
     assert again == params
 
 
+@pytest.mark.unit
 def test_an_override_into_a_section_that_is_not_a_mapping_names_it(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text('model: "x"\n')
@@ -137,6 +148,7 @@ def test_an_override_into_a_section_that_is_not_a_mapping_names_it(tmp_path):
         load_params(path, ["model.n_estimators=5"])
 
 
+@pytest.mark.unit
 def test_every_problem_of_a_file_is_reported_on_a_line_of_its_own(write_params):
     path = write_params(data={"test_size": 2}, model={"n_estimators": "many", "n_trees": 3})
     with pytest.raises(ParamsError) as error:
@@ -148,6 +160,7 @@ def test_every_problem_of_a_file_is_reported_on_a_line_of_its_own(write_params):
     assert any("unknown key model.n_trees" in line for line in lines)
 
 
+@pytest.mark.unit
 def test_whole_floats_count_and_the_allowed_values_are_read_from_the_fields(write_params):
     assert load_params(write_params(model={"n_estimators": 50.0})).model.n_estimators == 50
     with pytest.raises(
@@ -158,6 +171,7 @@ def test_whole_floats_count_and_the_allowed_values_are_read_from_the_fields(writ
         load_params(write_params(model={"class_weight": "heavy"}))
 
 
+@pytest.mark.unit
 def test_launch_params_travel_as_tags_and_refuse_relative_paths(tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text("model: {n_estimators: 9}\npaths: {artifacts_dir: out}\n")
@@ -174,6 +188,7 @@ def test_launch_params_travel_as_tags_and_refuse_relative_paths(tmp_path):
         launch.load()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("experiments", "expected"),
     [
@@ -199,6 +214,7 @@ def test_experiments_section_errors_name_the_key(tmp_path, experiments, expected
     assert expected in str(raised.value)
 
 
+@pytest.mark.unit
 def test_experiment_variants_and_datasets_resolve(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(

@@ -15,7 +15,7 @@ from wine_assets.params import LaunchParams
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 
-from .conftest import ALL_ASSETS, shuffled_labels, tree_snapshot
+from .support import ALL_ASSETS, shuffled_labels, tree_snapshot
 
 RAW_CHECKS = {"schema", "no_missing_values", "value_ranges", "sample_size", "outliers", "feature_drift"}
 
@@ -78,6 +78,7 @@ def good_run(tmp_path_factory):
     return folder, result
 
 
+@pytest.mark.component
 def test_the_whole_graph_materializes_with_every_check(good_run):
     folder, result = good_run
     assert result.success
@@ -107,6 +108,7 @@ def test_the_whole_graph_materializes_with_every_check(good_run):
     assert bundle.manifest["dagster_run_id"] == result.run_id
 
 
+@pytest.mark.component
 def test_asset_metadata_is_what_the_ui_shows(good_run):
     _, result = good_run
     meta = {
@@ -131,6 +133,7 @@ def test_asset_metadata_is_what_the_ui_shows(good_run):
     assert meta["model_deployment"]["tag"].value == "model-v1"
 
 
+@pytest.mark.unit
 def test_every_asset_has_a_description_code_version_and_group():
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
@@ -181,6 +184,7 @@ def _non_numeric(frame):
     return frame
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     ("edit", "failing_check", "column", "row"),
     [
@@ -208,6 +212,7 @@ def test_bad_data_fails_its_check_and_blocks_everything_after_it(
     assert tree_snapshot(registry_copy) == registry_before
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     ("content", "expected"),
     [(None, r"data file not found: .*absent\.csv"), ("", r"data file .*absent\.csv is empty")],
@@ -227,6 +232,7 @@ def test_unreadable_sources_fail_raw_wine_with_the_file_named(
     assert tree_snapshot(registry_copy) == before
 
 
+@pytest.mark.component
 def test_bad_params_fail_the_run_naming_the_key(instance, write_params, tmp_path):
     result = run(instance, write_params(data={"test_size": 1.5}))
     assert not result.success
@@ -235,6 +241,7 @@ def test_bad_params_fail_the_run_naming_the_key(instance, write_params, tmp_path
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.component
 def test_shuffled_labels_fail_the_gate_and_nothing_is_deployed(
     instance, write_params, write_csv, registry_copy, tmp_path, monkeypatch
 ):
@@ -258,6 +265,7 @@ def test_shuffled_labels_fail_the_gate_and_nothing_is_deployed(
     assert tree_snapshot(registry_copy) == before
 
 
+@pytest.mark.component
 def test_training_job_then_release_job_publishes_the_trained_files(instance, write_params, tmp_path, monkeypatch):
     params_file = write_params()
     training = run_job("training_job", instance, params_file, monkeypatch)
@@ -279,6 +287,7 @@ def test_training_job_then_release_job_publishes_the_trained_files(instance, wri
     assert ModelRegistry(tmp_path / "registry").versions() == [1]
 
 
+@pytest.mark.component
 def test_release_refuses_an_artifact_rewritten_after_evaluation(instance, write_params, tmp_path, monkeypatch):
     params_file = write_params()
     assert run_job("training_job", instance, params_file, monkeypatch).success
@@ -290,6 +299,7 @@ def test_release_refuses_an_artifact_rewritten_after_evaluation(instance, write_
     assert not (tmp_path / "registry" / "wine-classifier").exists()
 
 
+@pytest.mark.component
 def test_a_weaker_model_warns_about_the_regression_but_still_releases(instance, write_params, registry_copy, tmp_path):
     weak = write_params(
         model={"n_estimators": 1, "max_depth": 1}, evaluation={"min_accuracy": 0.3, "max_regression": 0.02}
@@ -305,6 +315,7 @@ def test_a_weaker_model_warns_about_the_regression_but_still_releases(instance, 
     assert ModelRegistry(registry_copy).production_version() == 2
 
 
+@pytest.mark.component
 def test_one_value_can_be_overridden_for_one_run(instance, write_params):
     result = run(
         instance,
@@ -317,6 +328,22 @@ def test_one_value_can_be_overridden_for_one_run(instance, write_params):
     assert len(model.estimators_) == 7
 
 
+@pytest.mark.component
+def test_a_bad_override_in_the_run_config_fails_the_run_naming_it(instance, write_params, tmp_path):
+    """The run config's overrides are validated like the file (test_cli shows `-c FILE` reaches the resource)."""
+    result = run(
+        instance,
+        write_params(),
+        selection=["raw_wine"],
+        run_config={"resources": {"params": {"config": {"overrides": ["evaluation.min_accuracy=1.5"]}}}},
+    )
+    assert not result.success
+    assert "evaluation.min_accuracy = 1.5 is out of range; allowed: 0 <= value <= 1" in errors(result)
+    assert materialized(result) == set()
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.component
 def test_the_split_and_scaler_values_flow_between_assets(instance, write_params):
     result = run(instance, write_params(), selection=["raw_wine", "validated_wine", "train_set", "test_set", "scaler"])
     assert result.success
@@ -326,6 +353,7 @@ def test_the_split_and_scaler_values_flow_between_assets(instance, write_params)
     assert result.asset_value("scaler").mean_ == pytest.approx(train.drop(columns="target").mean().to_numpy())
 
 
+@pytest.mark.component
 def test_feature_drift_warns_against_the_production_training_data(instance, write_params, write_csv, registry_copy):
     same = run(instance, write_params(data={"source": write_csv("same.csv").name}), selection=["raw_wine"])
     assert checks(same)["feature_drift"].passed
@@ -346,6 +374,7 @@ def test_feature_drift_warns_against_the_production_training_data(instance, writ
     assert drifted.success  # a warning, not a gate
 
 
+@pytest.mark.component
 def test_materializing_the_deployment_alone_cannot_bypass_the_gate(
     instance, write_params, write_csv, registry_copy, monkeypatch
 ):
@@ -358,6 +387,7 @@ def test_materializing_the_deployment_alone_cannot_bypass_the_gate(
     assert tree_snapshot(registry_copy) == before
 
 
+@pytest.mark.component
 def test_release_refuses_a_split_made_after_the_evaluation(instance, write_params, tmp_path, monkeypatch):
     params_file = write_params()
     assert run_job("training_job", instance, params_file, monkeypatch).success
@@ -374,6 +404,7 @@ def test_release_refuses_a_split_made_after_the_evaluation(instance, write_param
     assert not (tmp_path / "registry" / "wine-classifier").exists()
 
 
+@pytest.mark.component
 def test_a_damaged_production_alias_warns_and_is_repaired_by_the_next_release(instance, write_params, registry_copy):
     (registry_copy / "wine-classifier" / "production").write_text("garbage\n")
     result = run(instance, write_params(model={"n_estimators": 30}))
@@ -384,6 +415,7 @@ def test_a_damaged_production_alias_warns_and_is_repaired_by_the_next_release(in
     assert ModelRegistry(registry_copy).production_version() == 2
 
 
+@pytest.mark.component
 def test_a_run_reads_the_params_file_it_was_launched_with_or_fails_naming_it(instance, write_params, tmp_path):
     """The run's tags (what the project's executor writes at launch) win over the step's own folder,
     and a file that is gone by the time a step runs fails the run instead of falling back."""
@@ -416,6 +448,7 @@ def test_a_run_reads_the_params_file_it_was_launched_with_or_fails_naming_it(ins
     )
 
 
+@pytest.mark.component
 def test_a_run_launched_without_a_params_file_says_so_and_keeps_its_folder(instance, tmp_path, monkeypatch):
     launch_dir = tmp_path / "launch"
     launch_dir.mkdir()

@@ -1,11 +1,8 @@
-"""Predictions from the released model: the Python API, input validation, and the real command."""
+"""Predictions from the released model: the Python API, input validation, and the command in-process."""
 
 import json
 import pickle
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -23,9 +20,7 @@ from wine_assets.registry import ChecksumError, ModelRegistry, NoProductionModel
 from wine_assets.training import train_model
 from wine_assets.validation import FEATURE_COLUMNS, WineFeatures, collect_failures, fast_features_valid
 
-from .conftest import tree_snapshot
-
-BIN = Path(sys.executable).parent
+from .support import tree_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +54,7 @@ def features(released):
     return released["test_set"].drop(columns="target")
 
 
+@pytest.mark.component
 def test_release_then_predict_reproduces_the_evaluation(released, registry_dir):
     result = predict(features(released), registry_dir=registry_dir)
     predictions = result.predictions
@@ -77,6 +73,7 @@ def test_release_then_predict_reproduces_the_evaluation(released, registry_dir):
     assert result.warnings == []
 
 
+@pytest.mark.component
 def test_column_order_does_not_matter(released, registry_dir):
     frame = features(released)
     shuffled = frame[list(reversed(frame.columns))]
@@ -85,6 +82,7 @@ def test_column_order_does_not_matter(released, registry_dir):
     )
 
 
+@pytest.mark.component
 def test_extra_columns_warn_or_are_refused_when_strict(released, registry_dir):
     frame = features(released).assign(vintage=2019)
     assert predict(frame, registry_dir=registry_dir).warnings == ["ignoring column(s) the model does not use: vintage"]
@@ -100,6 +98,7 @@ def _row_problem(frame, column, row, value):
     return frame
 
 
+@pytest.mark.component
 @pytest.mark.parametrize(
     ("column", "row", "value", "expected"),
     [
@@ -115,6 +114,7 @@ def test_bad_values_name_the_column_and_the_row(released, registry_dir, column, 
         predict(_row_problem(features(released), column, row, value), registry_dir=registry_dir)
 
 
+@pytest.mark.component
 def test_missing_columns_and_empty_input_are_refused(released, registry_dir):
     with pytest.raises(PredictionInputError, match="lacks column.s. flavanoids"):
         predict(features(released).drop(columns="flavanoids"), registry_dir=registry_dir)
@@ -122,11 +122,13 @@ def test_missing_columns_and_empty_input_are_refused(released, registry_dir):
         predict(features(released).head(0), registry_dir=registry_dir)
 
 
+@pytest.mark.unit
 def test_no_model_deployed_says_to_run_the_release_job(tmp_path):
     with pytest.raises(NoProductionModel, match="run the release job"):
         load_bundle(registry_dir=tmp_path / "empty")
 
 
+@pytest.mark.component
 def test_a_tampered_model_is_never_unpickled(released, registry_dir, tmp_path):
     marker = tmp_path / "code-ran"
 
@@ -140,6 +142,7 @@ def test_a_tampered_model_is_never_unpickled(released, registry_dir, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.component
 def test_the_bundle_is_loaded_once_and_a_rollback_is_picked_up(released, registry_dir):
     first = load_bundle(registry_dir=registry_dir)
     assert load_bundle(registry_dir=registry_dir) is first
@@ -160,8 +163,9 @@ def test_the_bundle_is_loaded_once_and_a_rollback_is_picked_up(released, registr
     assert predict(features(released), registry_dir=registry_dir, version="v2").version == 2
 
 
-def test_read_input_handles_csv_json_and_standard_input(released, tmp_path):
-    frame = features(released).head(3)
+@pytest.mark.unit
+def test_read_input_handles_csv_json_and_standard_input(wine_frame, tmp_path):
+    frame = wine_frame.drop(columns="target").head(3)
     csv = tmp_path / "w.csv"
     frame.to_csv(csv, index=False)
     records = tmp_path / "w.json"
@@ -186,10 +190,11 @@ def test_read_input_handles_csv_json_and_standard_input(released, tmp_path):
         read_input("-", b"{oops")
 
 
-def test_the_fast_check_agrees_with_pandera(released):
+@pytest.mark.unit
+def test_the_fast_check_agrees_with_pandera(wine_frame):
     """fast_features_valid may only say yes where pandera says yes; it must say yes to clean data."""
     rng = np.random.default_rng(0)
-    base = features(released).reset_index(drop=True)
+    base = wine_frame.drop(columns="target").reset_index(drop=True)
     for _ in range(150):
         frame = base.sample(5, random_state=int(rng.integers(1_000_000))).reset_index(drop=True)
         kind = rng.integers(5)
@@ -207,17 +212,16 @@ def test_the_fast_check_agrees_with_pandera(released):
     assert prepare_features(base)[0].dtypes.unique().tolist() == [np.float64]
 
 
-# -- the real command --------------------------------------------------------------------------
-def run_cli(*args, stdin=None, cwd):
-    return subprocess.run([str(BIN / "wine-assets"), *args], input=stdin, capture_output=True, cwd=cwd, timeout=120)
-
-
-def test_cli_predicts_csv_to_csv_and_json_on_standard_input(released, registry_dir, tmp_path):
+# -- the command, in-process (test_cli runs it once as a real process) ---------------------------
+@pytest.mark.component
+def test_cli_predicts_csv_to_csv_and_json_on_standard_input(released, registry_dir, tmp_path, wine_assets_cli):
     frame = features(released)
     csv = tmp_path / "wines.csv"
     frame.to_csv(csv, index=False)
     out = tmp_path / "predictions.csv"
-    completed = run_cli("predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path)
+    completed = wine_assets_cli(
+        "predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path
+    )
     assert completed.returncode == 0, completed.stderr
     written = pd.read_csv(out)
     assert list(written.columns) == [
@@ -231,68 +235,80 @@ def test_cli_predicts_csv_to_csv_and_json_on_standard_input(released, registry_d
     assert accuracy == released["metrics"]["accuracy"]
 
     records = frame.head(2).to_json(orient="records").encode()
-    piped = run_cli("predict", "-", "--format", "json", "--registry", str(registry_dir), stdin=records, cwd=tmp_path)
+    piped = wine_assets_cli(
+        "predict", "-", "--format", "json", "--registry", str(registry_dir), stdin=records, cwd=tmp_path
+    )
     assert piped.returncode == 0, piped.stderr
     rows = json.loads(piped.stdout)
     assert len(rows) == 2 and set(rows[0]) == set(written.columns)
 
 
-def test_cli_bad_input_exits_2_and_writes_nothing(released, registry_dir, tmp_path):
+@pytest.mark.component
+def test_cli_bad_input_exits_2_and_writes_nothing(released, registry_dir, tmp_path, wine_assets_cli):
     bad = _row_problem(features(released), "alcohol", 3, np.nan)
     csv = tmp_path / "bad.csv"
     bad.to_csv(csv, index=False)
     out = tmp_path / "predictions.csv"
     out.write_text("earlier results\n")
-    completed = run_cli("predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path)
+    completed = wine_assets_cli(
+        "predict", str(csv), "--registry", str(registry_dir), "--output", str(out), cwd=tmp_path
+    )
     assert completed.returncode == 2
-    assert b"column 'alcohol', check not_nullable, row 3: nan" in completed.stderr
-    assert completed.stdout == b""
+    assert "column 'alcohol', check not_nullable, row 3: nan" in completed.stderr
+    assert completed.stdout == ""
     assert out.read_text() == "earlier results\n"
     extra = features(released).head(3).assign(vintage=2019).to_csv(index=False).encode()
-    strict = run_cli("predict", "-", "--strict", "--registry", str(registry_dir), stdin=extra, cwd=tmp_path)
-    assert strict.returncode == 2 and b"does not use: vintage (--strict)" in strict.stderr
-    assert strict.stdout == b""
-    lenient = run_cli("predict", "-", "--registry", str(registry_dir), stdin=extra, cwd=tmp_path)
-    assert lenient.returncode == 0 and b"warning: ignoring column(s) the model does not use: vintage" in lenient.stderr
-    missing = run_cli("predict", "-", "--registry", str(registry_dir), stdin=b"x\n1\n", cwd=tmp_path)
-    assert missing.returncode == 2 and b"lacks column(s) alcohol" in missing.stderr
+    strict = wine_assets_cli("predict", "-", "--strict", "--registry", str(registry_dir), stdin=extra, cwd=tmp_path)
+    assert strict.returncode == 2 and "does not use: vintage (--strict)" in strict.stderr
+    assert strict.stdout == ""
+    lenient = wine_assets_cli("predict", "-", "--registry", str(registry_dir), stdin=extra, cwd=tmp_path)
+    assert lenient.returncode == 0 and "warning: ignoring column(s) the model does not use: vintage" in lenient.stderr
+    missing = wine_assets_cli("predict", "-", "--registry", str(registry_dir), stdin=b"x\n1\n", cwd=tmp_path)
+    assert missing.returncode == 2 and "lacks column(s) alcohol" in missing.stderr
 
 
-def test_cli_without_a_release_or_with_a_tampered_one_exits_1(released, registry_dir, tmp_path):
+@pytest.mark.component
+def test_cli_without_a_release_or_with_a_tampered_one_exits_1(released, registry_dir, tmp_path, wine_assets_cli):
     csv = tmp_path / "wines.csv"
     features(released).to_csv(csv, index=False)
-    empty = run_cli("predict", str(csv), "--registry", str(tmp_path / "nothing"), cwd=tmp_path)
-    assert empty.returncode == 1 and b"run the release job" in empty.stderr
+    empty = wine_assets_cli("predict", str(csv), "--registry", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert empty.returncode == 1 and "run the release job" in empty.stderr
     (registry_dir / "wine-classifier" / "v1" / "scaler.joblib").write_bytes(b"not the scaler")
     before = tree_snapshot(registry_dir)
-    tampered = run_cli("predict", str(csv), "--registry", str(registry_dir), cwd=tmp_path)
-    assert tampered.returncode == 1 and b"does not match its sha256" in tampered.stderr
-    assert tampered.stdout == b""
+    tampered = wine_assets_cli("predict", str(csv), "--registry", str(registry_dir), cwd=tmp_path)
+    assert tampered.returncode == 1 and "does not match its sha256" in tampered.stderr
+    assert tampered.stdout == ""
     assert tree_snapshot(registry_dir) == before
 
 
-def test_cli_refuses_unreadable_text_repeated_columns_and_flags(released, registry_dir, tmp_path):
+@pytest.mark.component
+def test_cli_refuses_unreadable_text_repeated_columns_and_flags(released, registry_dir, tmp_path, wine_assets_cli):
     header = ",".join(FEATURE_COLUMNS).encode()
-    latin = run_cli("predict", "-", "--registry", str(registry_dir), stdin=header + b"\n\xe9\n", cwd=tmp_path)
-    assert latin.returncode == 2 and b"is not UTF-8 text" in latin.stderr
+    latin = wine_assets_cli("predict", "-", "--registry", str(registry_dir), stdin=header + b"\n\xe9\n", cwd=tmp_path)
+    assert latin.returncode == 2 and "is not UTF-8 text" in latin.stderr
     frame = features(released).head(2)
     doubled = frame.to_csv(index=False).replace("alcohol,", "alcohol,alcohol,", 1)
     doubled = "\n".join(
         [doubled.splitlines()[0]] + [line.split(",", 1)[0] + "," + line for line in doubled.splitlines()[1:]]
     )
-    repeated = run_cli("predict", "-", "--registry", str(registry_dir), stdin=doubled.encode(), cwd=tmp_path)
-    assert repeated.returncode == 2 and b"has column(s) alcohol more than once" in repeated.stderr
+    repeated = wine_assets_cli("predict", "-", "--registry", str(registry_dir), stdin=doubled.encode(), cwd=tmp_path)
+    assert repeated.returncode == 2 and "has column(s) alcohol more than once" in repeated.stderr
     records = frame.to_dict("records")
     records[1]["hue"] = True
-    flagged = run_cli("predict", "-", "--registry", str(registry_dir), stdin=json.dumps(records).encode(), cwd=tmp_path)
-    assert flagged.returncode == 2 and b"column 'hue', row 1: True is a true/false value" in flagged.stderr
+    flagged = wine_assets_cli(
+        "predict", "-", "--registry", str(registry_dir), stdin=json.dumps(records).encode(), cwd=tmp_path
+    )
+    assert flagged.returncode == 2 and "column 'hue', row 1: True is a true/false value" in flagged.stderr
 
 
-def test_cli_reports_an_unwritable_output_without_a_traceback(released, registry_dir, tmp_path):
+@pytest.mark.component
+def test_cli_reports_an_unwritable_output_without_a_traceback(released, registry_dir, tmp_path, wine_assets_cli):
     csv = tmp_path / "wines.csv"
     features(released).head(2).to_csv(csv, index=False)
     folder = tmp_path / "a-folder"
     folder.mkdir()
-    completed = run_cli("predict", str(csv), "--registry", str(registry_dir), "--output", str(folder), cwd=tmp_path)
+    completed = wine_assets_cli(
+        "predict", str(csv), "--registry", str(registry_dir), "--output", str(folder), cwd=tmp_path
+    )
     assert completed.returncode == 1
-    assert completed.stderr.startswith(b"wine-assets: error: ") and b"Traceback" not in completed.stderr
+    assert completed.stderr.startswith("wine-assets: error: ") and "Traceback" not in completed.stderr

@@ -23,7 +23,7 @@ from wine_assets.registry import (
     parse_version,
 )
 
-from .conftest import tree_snapshot
+from .support import tree_snapshot
 
 
 def bundle(tag: str) -> dict[str, bytes]:
@@ -42,6 +42,7 @@ def registry(tmp_path):
     return ModelRegistry(tmp_path / "registry")
 
 
+@pytest.mark.unit
 def test_publish_writes_a_checksummed_version_and_moves_production(registry):
     result = registry.publish(bundle("a"), FIELDS)
     assert (result.version, result.created, result.previous_production, result.production) == (1, True, None, 1)
@@ -55,6 +56,7 @@ def test_publish_writes_a_checksummed_version_and_moves_production(registry):
     assert list(registry.staging_dir.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_versions_count_up_and_production_follows(registry):
     registry.publish(bundle("a"), FIELDS)
     second = registry.publish(bundle("b"), FIELDS)
@@ -64,6 +66,7 @@ def test_versions_count_up_and_production_follows(registry):
     assert registry.load(1).model == {"model": "a"}
 
 
+@pytest.mark.unit
 def test_same_bytes_make_no_new_version_but_move_production_back(registry):
     registry.publish(bundle("a"), FIELDS)
     registry.publish(bundle("b"), FIELDS)
@@ -73,6 +76,7 @@ def test_same_bytes_make_no_new_version_but_move_production_back(registry):
     assert registry.production_version() == 1
 
 
+@pytest.mark.unit
 def test_a_failing_check_discards_the_bundle_and_leaves_the_registry_as_it_was(registry):
     registry.publish(bundle("a"), FIELDS)
     before = tree_snapshot(registry.root)
@@ -89,6 +93,7 @@ def test_a_failing_check_discards_the_bundle_and_leaves_the_registry_as_it_was(r
     assert registry.versions() == [1] and registry.production_version() == 1
 
 
+@pytest.mark.unit
 def test_tampered_file_is_refused_before_it_is_unpickled(registry, tmp_path):
     registry.publish(bundle("a"), FIELDS)
     registry.publish(bundle("b"), FIELDS)
@@ -109,6 +114,7 @@ def test_tampered_file_is_refused_before_it_is_unpickled(registry, tmp_path):
     assert tree_snapshot(registry.root) == before
 
 
+@pytest.mark.unit
 def test_rollback_moves_production_after_verifying(registry):
     registry.publish(bundle("a"), FIELDS)
     registry.publish(bundle("b"), FIELDS)
@@ -117,6 +123,7 @@ def test_rollback_moves_production_after_verifying(registry):
     assert registry.set_production(1) == (1, 1)
 
 
+@pytest.mark.unit
 def test_missing_versions_and_empty_registry_have_clear_errors(registry):
     with pytest.raises(NoProductionModel, match="run the release job"):
         registry.load()
@@ -128,12 +135,14 @@ def test_missing_versions_and_empty_registry_have_clear_errors(registry):
         registry.set_production(9)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["x", "v", "v0", "0", "-1", "1.5"])
 def test_parse_version_refuses_non_versions(text):
     with pytest.raises(InvalidVersion):
         parse_version(text)
 
 
+@pytest.mark.unit
 def test_parse_version_accepts_numbers_and_v_prefix():
     assert parse_version("3") == parse_version("v3") == parse_version(3) == 3
 
@@ -143,6 +152,7 @@ def _publish_in_process(root: str, tag: str, queue) -> None:
     queue.put(result.version)
 
 
+@pytest.mark.integration
 def test_concurrent_releases_never_share_a_version(registry):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -186,6 +196,7 @@ def _crash(registry, where):
     assert completed.returncode == 137
 
 
+@pytest.mark.integration
 def test_crash_before_the_version_is_visible_leaves_the_model_tree_byte_for_byte(registry):
     registry.publish(bundle("a"), FIELDS)
     before = tree_snapshot(registry.model_dir)
@@ -198,6 +209,7 @@ def test_crash_before_the_version_is_visible_leaves_the_model_tree_byte_for_byte
     assert registry.versions() == [1, 2]
 
 
+@pytest.mark.integration
 def test_crash_before_the_alias_moves_keeps_the_previous_production(registry):
     registry.publish(bundle("a"), FIELDS)
     _crash(registry, "before_alias")
@@ -211,6 +223,7 @@ def test_crash_before_the_alias_moves_keeps_the_previous_production(registry):
     assert (retry.version, retry.created, registry.production_version()) == (2, False, 2)
 
 
+@pytest.mark.unit
 def test_a_damaged_alias_is_an_error_to_readers_and_repaired_by_writers(registry):
     registry.publish(bundle("a"), FIELDS)
     registry.alias_path.write_text("nonsense\n")
@@ -226,6 +239,7 @@ def test_a_damaged_alias_is_an_error_to_readers_and_repaired_by_writers(registry
     assert (result.previous_production, registry.production_version()) == (7, 2)
 
 
+@pytest.mark.unit
 def test_a_damaged_manifest_is_a_checksum_error(registry):
     registry.publish(bundle("a"), FIELDS)
     (registry.version_dir(1) / "manifest.json").write_text("{not json")
@@ -235,6 +249,7 @@ def test_a_damaged_manifest_is_a_checksum_error(registry):
         registry.load(1)
 
 
+@pytest.mark.unit
 def test_files_get_the_usual_permissions(registry):
     registry.publish(bundle("a"), FIELDS)
     umask = os.umask(0)
@@ -244,6 +259,7 @@ def test_files_get_the_usual_permissions(registry):
     assert stat.S_IMODE(registry.alias_path.stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.unit
 def test_export_and_import_carry_a_version_between_registries(registry, tmp_path):
     registry.publish(bundle("a"), FIELDS)
     registry.publish(bundle("b"), FIELDS)
@@ -266,6 +282,7 @@ def test_export_and_import_carry_a_version_between_registries(registry, tmp_path
     assert not (tmp_path / "third" / "wine-classifier").exists()
 
 
+@pytest.mark.unit
 def test_import_refuses_a_different_bundle_under_an_existing_number(registry, tmp_path):
     registry.publish(bundle("a"), FIELDS)
     registry.export(1, tmp_path / "a.tar.gz")
@@ -275,6 +292,7 @@ def test_import_refuses_a_different_bundle_under_an_existing_number(registry, tm
         other.import_dir(extract_bundle(tmp_path / "a.tar.gz", tmp_path / "x"))
 
 
+@pytest.mark.unit
 def test_extract_refuses_archives_that_are_not_bundles(tmp_path):
     import io
     import tarfile
@@ -292,6 +310,7 @@ def test_extract_refuses_archives_that_are_not_bundles(tmp_path):
         extract_bundle(tmp_path / "plain.tar.gz", tmp_path / "into")
 
 
+@pytest.mark.unit
 def test_reserved_numbers_are_skipped_and_a_reservation_never_goes_down(registry):
     registry.publish(bundle("a"), FIELDS)
     assert registry.reserve("v5") == (5, 6)  # e.g. releases up to model-v5 exist elsewhere

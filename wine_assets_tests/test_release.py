@@ -15,7 +15,7 @@ from wine_assets.release import ReleaseError, manifest_fields, read_evaluated_ar
 from wine_assets.training import train_model
 from wine_assets.validation import FEATURE_COLUMNS
 
-from .conftest import tree_snapshot
+from .support import tree_snapshot
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def trained(write_params, wine_frame):
     return params, evaluate(model, scaler, train, test), train, test, evaluated
 
 
+@pytest.mark.unit
 def test_release_publishes_the_evaluated_files(trained):
     params, metrics, train, test, evaluated = trained
     result = release(evaluated, metrics, train, test, params, run_id="run-1")
@@ -53,6 +54,7 @@ def test_release_publishes_the_evaluated_files(trained):
     assert list(reference.columns) == list(FEATURE_COLUMNS) and len(reference) == len(train)
 
 
+@pytest.mark.unit
 def test_a_bundle_that_scores_differently_is_discarded(trained):
     params, metrics, train, test, evaluated = trained
     registry = ModelRegistry(params.registry_dir)
@@ -66,6 +68,7 @@ def test_a_bundle_that_scores_differently_is_discarded(trained):
     assert registry.versions() == [1] and registry.production_version() == 1
 
 
+@pytest.mark.unit
 def test_a_model_below_the_gate_is_refused_whatever_runs_the_release(trained):
     params, metrics, train, test, evaluated = trained
     with pytest.raises(ReleaseError, match=r"test accuracy 0\.5000 fails the gate .*nothing was published"):
@@ -73,6 +76,7 @@ def test_a_model_below_the_gate_is_refused_whatever_runs_the_release(trained):
     assert not params.registry_dir.exists()
 
 
+@pytest.mark.unit
 def test_train_and_test_rows_must_be_the_evaluated_ones(trained, wine_frame):
     params, metrics, train, test, evaluated = trained
     _, other_test = split_frame(wine_frame, 0.5, 7)
@@ -83,6 +87,7 @@ def test_train_and_test_rows_must_be_the_evaluated_ones(trained, wine_frame):
     assert not params.registry_dir.exists()
 
 
+@pytest.mark.unit
 def test_artifacts_must_be_the_evaluated_ones(trained):
     params, _, _, _, evaluated = trained
     with pytest.raises(ReleaseError, match="no record of which model.joblib"):
@@ -95,6 +100,7 @@ def test_artifacts_must_be_the_evaluated_ones(trained):
     assert not params.registry_dir.exists()
 
 
+@pytest.mark.integration
 def test_manifest_records_the_git_commit_when_there_is_one(trained, tmp_path):
     params, metrics, _, _, _ = trained
     assert manifest_fields(metrics, params, None)["git_commit"] is None

@@ -1,9 +1,8 @@
-"""The pull-request report against hand-made baselines, the check results, and the real command."""
+"""The pull-request report against hand-made baselines, the check results, and the command in-process
+(test_cli runs it once as a real process, after the real materialize)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import dagster as dg
 import pytest
@@ -16,7 +15,8 @@ from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 from wine_assets.report import ABSENT, Baseline, CheckRow, ReportError, load_baseline, params_diff, plot_links, render
 
-BIN = Path(sys.executable).parent
+from .support import cli_env, make_dagster_home
+
 METRICS = {
     "accuracy": 0.9444,
     "precision_macro": 0.95,
@@ -41,6 +41,7 @@ def row(report, metric):
     return next(line for line in report.splitlines() if line.startswith(f"| {metric} |"))
 
 
+@pytest.mark.unit
 def test_an_improvement_shows_baseline_current_and_a_positive_change(tmp_path):
     baseline = load_baseline(str(baseline_file(tmp_path, accuracy=0.9167)), tmp_path / "registry")
     report = render(METRICS, baseline, METRICS["params"], [], [])
@@ -50,6 +51,7 @@ def test_an_improvement_shows_baseline_current_and_a_positive_change(tmp_path):
     assert "No params changed." in report
 
 
+@pytest.mark.unit
 def test_a_regression_shows_a_negative_change(tmp_path):
     baseline = load_baseline(str(baseline_file(tmp_path, accuracy=1.0, recall_macro=1.0)), tmp_path / "registry")
     report = render(METRICS, baseline, METRICS["params"], [], [])
@@ -57,6 +59,7 @@ def test_a_regression_shows_a_negative_change(tmp_path):
     assert row(report, "recall_macro") == "| recall_macro | 1.0000 | 0.9400 | -0.0600 |"
 
 
+@pytest.mark.unit
 def test_without_a_baseline_the_values_stand_alone(tmp_path):
     assert load_baseline("production", tmp_path / "empty-registry") is None
     report = render(METRICS, None, METRICS["params"], None, [])
@@ -67,6 +70,7 @@ def test_without_a_baseline_the_values_stand_alone(tmp_path):
     assert "DAGSTER_HOME not set" in report
 
 
+@pytest.mark.unit
 def test_changed_params_are_listed_and_only_those(tmp_path):
     changed = Params().to_dict()
     changed["model"]["n_estimators"] = 300
@@ -85,6 +89,7 @@ def test_changed_params_are_listed_and_only_those(tmp_path):
     assert "| model.max_depth | `5` | `null` |" in report
 
 
+@pytest.mark.unit
 def test_the_checks_data_and_plots_sections(tmp_path):
     plots = tmp_path / "artifacts" / "plots"
     plots.mkdir(parents=True)
@@ -103,6 +108,7 @@ def test_the_checks_data_and_plots_sections(tmp_path):
     assert "![Confusion matrix](artifacts/plots/confusion_matrix.png)" in report
 
 
+@pytest.mark.unit
 def test_broken_baselines_are_clear_errors(tmp_path):
     with pytest.raises(ReportError, match="baseline metrics not found"):
         load_baseline(str(tmp_path / "nope.json"), tmp_path)
@@ -111,6 +117,7 @@ def test_broken_baselines_are_clear_errors(tmp_path):
         load_baseline(str(tmp_path / "bad.json"), tmp_path)
 
 
+@pytest.mark.unit
 def test_production_baseline_reads_the_released_metrics_and_params(tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
     registry.publish(
@@ -128,6 +135,7 @@ def test_production_baseline_reads_the_released_metrics_and_params(tmp_path):
     assert baseline.params == {"model": {"n_estimators": 50}}
 
 
+@pytest.mark.component
 def test_check_results_come_from_the_latest_runs(tmp_path, write_params, write_csv):
     (tmp_path / "instance").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
@@ -144,30 +152,43 @@ def test_check_results_come_from_the_latest_runs(tmp_path, write_params, write_c
     assert len(rows) == 8
 
 
-@pytest.mark.slow
-def test_the_report_command_after_a_real_run(cli_materialized, tmp_path):
-    env = cli_materialized.env
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """The whole graph materialized in-process into a persistent instance (a DAGSTER_HOME the command
+    reads), with a small forest: artifacts/, registry/ and the check results of a real run."""
+    folder = tmp_path_factory.mktemp("pipeline_run")
+    params_file = folder / "params.yaml"
+    params_file.write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\nmodel: {n_estimators: 10}\n")
+    home = make_dagster_home(folder / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        result = dg.materialize(
+            [*ASSETS, *ASSET_CHECKS],
+            instance=instance,
+            resources={"params": WineParamsResource(params_file=str(params_file))},
+        )
+    assert result.success
+    return folder
+
+
+@pytest.mark.component
+def test_the_report_command_after_a_run(pipeline_run, tmp_path, wine_assets_cli):
+    shutil.copytree(pipeline_run, tmp_path, dirs_exist_ok=True)
+    env = cli_env(tmp_path / "dagster_home", tmp_path / "params.yaml")
     baseline = baseline_file(tmp_path, accuracy=0.5)
-    completed = subprocess.run(
-        [str(BIN / "wine-assets"), "report", "--baseline", str(baseline), "--output", "out/report.md"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    completed = wine_assets_cli(
+        "report", "--baseline", str(baseline), "--output", "out/report.md", env=env, cwd=tmp_path
     )
     assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "" and completed.stderr == "wine-assets: report written to out/report.md\n"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| accuracy | 0.5000 |" in row(report, "accuracy") and "| +0." in row(report, "accuracy")
     assert "| raw_wine | schema | pass |" in report
     assert "| evaluation_metrics | accuracy_threshold | pass |" in report
+    assert "| model.n_estimators | `100` | `10` |" in report  # the run's params against the baseline's
     assert "![Confusion matrix](../artifacts/plots/confusion_matrix.png)" in report
-    missing = subprocess.run(
-        [str(BIN / "wine-assets"), "report", "--baseline", "nope.json"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    printed = wine_assets_cli("report", "--baseline", "production", env=env, cwd=tmp_path)
+    assert printed.returncode == 0 and printed.stdout.startswith("#") and "production v1" in printed.stdout
+    missing = wine_assets_cli("report", "--baseline", "nope.json", env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "baseline metrics not found" in missing.stderr
+    gone = wine_assets_cli("report", env={**env, "DAGSTER_HOME": str(tmp_path / "absent")}, cwd=tmp_path)
+    assert gone.returncode == 1 and "is not a folder" in gone.stderr

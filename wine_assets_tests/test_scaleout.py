@@ -3,7 +3,7 @@ executor with Redis and workers started in other folders, trees fitted on a Dask
 
 The servers come from wine_assets.services (the code behind `make services`), started once per
 test run by the conftest fixtures and always stopped. Each xdist worker has its own PostgreSQL
-database, Redis queue and Celery worker.
+database and Redis queue; the Celery tests share one xdist group and so one Celery worker.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from wine_assets.params import ModelParams
 from wine_assets.registry import ModelRegistry
 from wine_assets.validation import FEATURE_COLUMNS
 
-from .conftest import (
+from .support import (
     ALL_ASSETS,
     BIN,
     REPO_ROOT,
@@ -39,6 +39,7 @@ from .conftest import (
     make_dagster_home,
     make_postgres_home,
     pg_rows,
+    require_programs,
     scaleout_cli_env,
     shuffled_labels,
     start_in_group,
@@ -47,7 +48,8 @@ from .conftest import (
     xdist_index,
 )
 
-pytestmark = pytest.mark.slow
+# The tests that use the Celery worker run on one xdist worker, so one Celery worker serves them all.
+celery = pytest.mark.xdist_group("celery")
 RUN_CELERY = str(REPO_ROOT / "deploy" / "run-celery.yaml")
 
 
@@ -95,7 +97,9 @@ def step_pids(instance: dg.DagsterInstance, run_id: str) -> dict[str, int]:
 
 
 # -- make services / make services-down --
+@pytest.mark.integration
 def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path):
+    require_programs("postgres", "redis-server")
     state, env_file = tmp_path / "state", tmp_path / "services.env"
     make = ["make", "--no-print-directory", "-C", str(REPO_ROOT), f"SERVICES_DIR={state}", f"SERVICES_ENV={env_file}"]
     started = subprocess.run([*make, "services"], capture_output=True, text=True, timeout=240)
@@ -176,6 +180,7 @@ def test_make_services_starts_each_server_waits_and_stops_exactly_them(tmp_path)
     assert not state.exists()
 
 
+@pytest.mark.integration
 def test_make_targets_pick_the_instance_and_executor_by_variables(tmp_path):
     def plan(*variables: str) -> str:
         dry = subprocess.run(
@@ -202,6 +207,7 @@ def test_make_targets_pick_the_instance_and_executor_by_variables(tmp_path):
 
 
 # -- PostgreSQL instance storage --
+@pytest.mark.integration
 def test_the_postgres_instance_holds_runs_events_and_check_results(scaleout_env, tmp_path):
     params = write_project(tmp_path / "project")
     home = make_postgres_home(tmp_path / "dagster_home")
@@ -223,9 +229,9 @@ def test_the_postgres_instance_holds_runs_events_and_check_results(scaleout_env,
     assert not [path for path in home.rglob("*") if path.suffix == ".db"]  # no SQLite storage at all
 
 
+@pytest.mark.integration
 def test_postgres_down_refuses_the_launch_naming_the_database_and_writes_nothing(tmp_path):
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
-        pytest.skip("needs PostgreSQL's server")
+    require_programs("postgres")
     process, env = services.start_postgres(tmp_path / "pg", timeout=60)
     process.stop()
     assert not process.alive()
@@ -267,6 +273,7 @@ def test_postgres_down_refuses_the_launch_naming_the_database_and_writes_nothing
     assert "Traceback" not in made.stderr  # stopped by the check, before Dagster tried to connect
 
 
+@pytest.mark.integration
 def test_bad_storage_and_executor_config_are_refused_clearly(tmp_path, write_params):
     params = write_params()
     home = make_postgres_home(tmp_path / "dagster_home")
@@ -289,6 +296,8 @@ def test_bad_storage_and_executor_config_are_refused_clearly(tmp_path, write_par
 
 
 # -- the Celery executor --
+@pytest.mark.integration
+@celery
 def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_process(
     scaleout_env, celery_worker, cli_materialized_once, tmp_path
 ):
@@ -327,6 +336,8 @@ def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_proces
     assert sha256_file(registry.version_dir(1) / "model.joblib") == sha256_file(project / "artifacts" / "model.joblib")
 
 
+@pytest.mark.integration
+@celery
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "celery"])
 def test_every_executor_stops_at_a_failed_blocking_data_check(executor, request, scaleout_env, tmp_path, write_csv):
     """dagster-dask's executor would not pass this: it submits every step up front."""
@@ -359,6 +370,8 @@ def test_every_executor_stops_at_a_failed_blocking_data_check(executor, request,
     assert not (project / "artifacts").exists() and not (project / "registry").exists()
 
 
+@pytest.mark.integration
+@celery
 def test_celery_gate_failure_leaves_the_deployment_unexecuted_and_the_registry_untouched(
     scaleout_env, celery_worker, cli_materialized_once, tmp_path, write_csv
 ):
@@ -379,6 +392,8 @@ def test_celery_gate_failure_leaves_the_deployment_unexecuted_and_the_registry_u
     assert tree_snapshot(project / "registry") == before
 
 
+@pytest.mark.integration
+@celery
 def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(scaleout_env, celery_worker, tmp_path):
     """The pool process running wine_model is killed (as the OOM killer would): Celery reports the
     task lost, the run fails with that event, and no model file or registry version appears. The
@@ -432,6 +447,7 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
 
 
 # -- training on the Dask cluster --
+@pytest.mark.integration
 def test_the_cluster_fitted_forest_predicts_exactly_what_the_local_one_predicts(services_env, wine_frame):
     from distributed import Client
 
@@ -462,6 +478,7 @@ def test_the_cluster_fitted_forest_predicts_exactly_what_the_local_one_predicts(
     assert joblib_bytes(cluster.model) != joblib_bytes(local.model)
 
 
+@pytest.mark.unit
 def test_an_unreachable_scheduler_fails_the_fit_naming_the_address_and_key(monkeypatch, wine_frame):
     monkeypatch.setattr(training, "DASK_CONNECT_SECONDS", 2.0)
     address = f"tcp://127.0.0.1:{services.free_port()}"
@@ -470,6 +487,7 @@ def test_an_unreachable_scheduler_fails_the_fit_naming_the_address_and_key(monke
         training.train_model(wine_frame, scaler, ModelParams(dask_scheduler=address))
 
 
+@pytest.mark.integration
 def test_the_pipeline_trains_on_the_cluster_when_the_params_say_so(services_env, tmp_path, write_params):
     from wine_assets.definitions import ASSET_CHECKS, ASSETS
     from wine_assets.pipeline.resources import WineParamsResource
@@ -491,6 +509,7 @@ def test_the_pipeline_trains_on_the_cluster_when_the_params_say_so(services_env,
 
 
 # -- the one-at-a-time limit on the shared artifacts, through the run queue --
+@pytest.mark.integration
 def test_two_runs_launched_together_on_postgres_run_one_after_the_other(scaleout_env, tmp_path):
     project = tmp_path / "project"
     params = write_project(project)

@@ -9,6 +9,7 @@ import pytest
 from wine_assets import services
 
 
+@pytest.mark.integration
 def test_a_recycled_process_id_is_never_signalled():
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -22,6 +23,7 @@ def test_a_recycled_process_id_is_never_signalled():
         bystander.wait()
 
 
+@pytest.mark.integration
 def test_stop_ends_the_whole_process_group():
     leader = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"],
@@ -43,6 +45,7 @@ def test_stop_ends_the_whole_process_group():
         leader.wait()
 
 
+@pytest.mark.integration
 def test_the_env_file_round_trips_and_quotes_values(tmp_path):
     env = {name: f"value of {name}" for name in services.ENV_NAMES}
     env["DAGSTER_PG_PASSWORD"] = "it's $ecret"
@@ -55,6 +58,7 @@ def test_the_env_file_round_trips_and_quotes_values(tmp_path):
     assert shell.stdout == "it's $ecret"
 
 
+@pytest.mark.unit
 def test_check_names_what_is_missing_or_down():
     with pytest.raises(services.ServiceError, match="DAGSTER_PG_HOST, DAGSTER_PG_PORT.* not set"):
         services.check({})

@@ -1,4 +1,7 @@
-"""The serving API's plain parts, without a server: scoring, input parsing, routing, statistics."""
+"""The serving API's plain parts, without a server: scoring, input parsing, routing, statistics.
+
+Unit tests unless marked otherwise: the watcher over a registry on disk is a component test, the
+routing checked in other interpreters an integration test."""
 
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ def sklearn_probabilities(bundle: Bundle, rows: np.ndarray) -> np.ndarray:
     return scored[[f"probability_{label}" for label in MANIFEST["class_labels"]]].to_numpy()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model_params", [ModelParams(), ModelParams(n_estimators=7, max_depth=3, random_state=3)])
 def test_served_forest_is_bit_identical_to_scikit_learn_on_100000_random_rows(train, model_params):
     scaler = fit_scaler(train)
@@ -69,6 +73,7 @@ def test_served_forest_is_bit_identical_to_scikit_learn_on_100000_random_rows(tr
     assert np.array_equal(single, expected[:300])
 
 
+@pytest.mark.unit
 def test_another_estimator_is_scored_by_scikit_learn_itself(train):
     scaler = fit_scaler(train)
     features = scaler.transform(train[list(FEATURE_COLUMNS)])
@@ -80,6 +85,7 @@ def test_another_estimator_is_scored_by_scikit_learn_itself(train):
     assert np.abs(served.predict_proba(rows) - sklearn_probabilities(bundle, rows)).max() <= forest.TOLERANCE
 
 
+@pytest.mark.unit
 def test_a_model_whose_classes_the_manifest_does_not_name_is_not_served(train):
     scaler = fit_scaler(train)
     model = train_model(train, scaler, ModelParams(n_estimators=3)).model
@@ -88,6 +94,7 @@ def test_a_model_whose_classes_the_manifest_does_not_name_is_not_served(train):
         forest.prepare(bundle, random_rows(5))
 
 
+@pytest.mark.component
 def test_a_version_that_passes_its_checksums_but_cannot_be_unpickled_is_not_served(train, tmp_path):
     """Say a bundle written by another library version: the watcher counts the failure, keeps
     serving the old version and does not retry it on every poll."""
@@ -119,6 +126,7 @@ def test_a_version_that_passes_its_checksums_but_cannot_be_unpickled_is_not_serv
 ROW = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
 
 
+@pytest.mark.unit
 def test_every_mlflow_shape_gives_the_same_array():
     record = dict(zip(FEATURE_COLUMNS, ROW, strict=True))
     shuffled = dict(reversed(list(record.items())))
@@ -136,6 +144,7 @@ def test_every_mlflow_shape_gives_the_same_array():
     assert inputs.parse_csv(csv_text.encode(), 10).values.tolist() == [ROW]
 
 
+@pytest.mark.unit
 def test_extra_columns_are_ignored_with_a_warning():
     record = {**dict(zip(FEATURE_COLUMNS, ROW, strict=True)), "vintage": 1999}
     parsed = inputs.parse_mlflow_json({"dataframe_records": [record]}, 10)
@@ -143,6 +152,7 @@ def test_extra_columns_are_ignored_with_a_warning():
     assert parsed.warnings == ["ignored column(s) the model does not use: vintage"]
 
 
+@pytest.mark.unit
 def test_open_inference_tensors_flat_nested_integer_and_per_feature():
     integers = [13, 2, 2, 11, 100, 3, 3, 1, 1, 4, 1, 3, 1050]
     cases = [
@@ -160,6 +170,7 @@ def test_open_inference_tensors_flat_nested_integer_and_per_feature():
     assert parsed.features.values.tolist() == [ROW] and parsed.id == "r1" and parsed.outputs == ["a"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("document", "words"),
     [
@@ -177,6 +188,7 @@ def test_malformed_tensors_are_400_with_the_reason(document, words):
     assert raised.value.status == 400 and words in raised.value.message
 
 
+@pytest.mark.unit
 def test_nan_and_infinity_are_refused_in_json_and_csv():
     for text in (b'{"inputs": [[NaN]]}', b'{"inputs": [[Infinity]]}', b'{"inputs": [[-Infinity]]}'):
         with pytest.raises(inputs.RequestError, match="is not a number JSON allows"):
@@ -187,20 +199,32 @@ def test_nan_and_infinity_are_refused_in_json_and_csv():
 
 
 # -- routing -----------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_assignment_is_the_same_in_processes_with_different_hash_seeds():
+    """What makes the split the same in every uvicorn worker: each is its own interpreter."""
     keys = [f"user-{number}" for number in range(300)]
     here = [assign("exp-a", 0.5, key) for key in keys]
     code = (
         "from wine_assets.serving.state import assign\n"
         f"print(','.join(assign('exp-a', 0.5, f'user-{{n}}') for n in range({len(keys)})))"
     )
-    for seed in ("1", "2"):
-        other = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}
+    others = [  # both interpreters at once: their start-up is most of the cost
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
         )
-        assert other.stdout.strip().split(",") == here
+        for seed in ("1", "2")
+    ]
+    for other in others:
+        out, err = other.communicate(timeout=120)
+        assert other.returncode == 0, err
+        assert out.strip().split(",") == here
 
 
+@pytest.mark.unit
 def test_routing_fractions_are_uniform_and_independent_per_experiment():
     keys = [f"k{number}" for number in range(20_000)]
     first = np.array([route_fraction("a", key) for key in keys])
@@ -212,6 +236,7 @@ def test_routing_fractions_are_uniform_and_independent_per_experiment():
 
 
 # -- the serving report's statistics ------------------------------------------------------------------------
+@pytest.mark.unit
 def test_wilson_interval_matches_the_textbook_value():
     # Newcombe (1998), table I: 81 of 263 -> 0.2553 to 0.3662
     low, high = wilson_interval(81, 263)
@@ -220,6 +245,7 @@ def test_wilson_interval_matches_the_textbook_value():
     assert wilson_interval(0, 0) is None
 
 
+@pytest.mark.unit
 def test_two_proportion_test_agrees_with_a_chi_square_test():
     result = two_proportion_test(90, 100, 75, 100)
     chi2 = stats.chi2_contingency([[90, 10], [75, 25]], correction=False)
@@ -236,6 +262,7 @@ def _rows(variant, correct, wrong, unlabelled=0, version=1):
     )
 
 
+@pytest.mark.unit
 def test_a_split_report_tests_with_fisher_and_decides_only_with_enough_labels():
     rows = _rows("production", 60, 40, unlabelled=5) + _rows("candidate", 90, 10, version=2)
     report = build_report(rows, "exp", min_labelled=30)
@@ -253,6 +280,7 @@ def test_a_split_report_tests_with_fisher_and_decides_only_with_enough_labels():
     assert "decision: no significant difference" in format_report(same)
 
 
+@pytest.mark.unit
 def test_a_shadow_report_measures_agreement_and_uses_mcnemar():
     # 100 labelled requests both scored: shadow right and production wrong on 20, the reverse on 2.
     rows = (
@@ -270,6 +298,7 @@ def test_a_shadow_report_measures_agreement_and_uses_mcnemar():
     assert shadow.labelled == 100 and shadow.correct == 90
 
 
+@pytest.mark.unit
 def test_serving_params_are_validated_with_the_key_named():
     with pytest.raises(ParamsError, match=r"serving.candidate_weight = 1.5 is out of range"):
         params_from_mapping({"serving": {"candidate_weight": 1.5}})
@@ -280,6 +309,7 @@ def test_serving_params_are_validated_with_the_key_named():
     assert params_from_mapping({"serving": {"experiment": "e", "candidate_version": 2}}).serving.candidate_version == 2
 
 
+@pytest.mark.unit
 def test_report_text_lists_each_variant():
     text = format_report(build_report(_rows("production", 3, 1) + _rows("candidate", 2, 2), None, 1))
     lines = io.StringIO(text).read().splitlines()

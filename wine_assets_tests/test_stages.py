@@ -28,6 +28,7 @@ def split(wine_frame):
     return split_frame(frame, test_size=0.2, random_state=42)
 
 
+@pytest.mark.unit
 def test_split_is_stratified_disjoint_and_keeps_the_source(split, wine_frame):
     train, test = split
     assert (len(train), len(test)) == (142, 36)
@@ -40,12 +41,14 @@ def test_split_is_stratified_disjoint_and_keeps_the_source(split, wine_frame):
         assert part.attrs == {"source": "builtin", "fingerprint": "abc"}
 
 
+@pytest.mark.unit
 def test_split_depends_on_the_seed(wine_frame):
     _, first = split_frame(wine_frame, 0.2, 1)
     _, second = split_frame(wine_frame, 0.2, 2)
     assert set(first.index) != set(second.index)
 
 
+@pytest.mark.unit
 def test_scaler_is_fitted_on_training_rows_only(split):
     train, test = split
     scaler = fit_scaler(train)
@@ -53,12 +56,14 @@ def test_scaler_is_fitted_on_training_rows_only(split):
     assert not np.allclose(scaler.mean_, test[list(FEATURE_COLUMNS)].mean().to_numpy())
 
 
+@pytest.mark.unit
 def test_features_of_orders_columns_by_the_schema(split):
     train, _ = split
     shuffled = train[list(reversed(train.columns))]
     assert list(features_of(shuffled).columns) == list(FEATURE_COLUMNS)
 
 
+@pytest.mark.unit
 def test_model_takes_every_hyperparameter_from_params():
     params = ModelParams(
         n_estimators=7,
@@ -83,6 +88,7 @@ def test_model_takes_every_hyperparameter_from_params():
         assert got[key] == getattr(params, key)
 
 
+@pytest.mark.unit
 def test_training_fits_a_forest_that_beats_the_gate(split):
     train, test = split
     scaler = fit_scaler(train)
@@ -98,6 +104,7 @@ def test_training_fits_a_forest_that_beats_the_gate(split):
     assert [value for _, value in importances] == sorted((value for _, value in importances), reverse=True)
 
 
+@pytest.mark.unit
 def test_training_is_reproducible_to_the_byte(split):
     train, _ = split
     scaler = fit_scaler(train)
@@ -106,6 +113,7 @@ def test_training_is_reproducible_to_the_byte(split):
     assert joblib_bytes(first) == joblib_bytes(second)
 
 
+@pytest.mark.unit
 def test_metrics_on_known_predictions():
     y_true = [0, 0, 1, 1, 2, 2, 2, 2]
     y_pred = [0, 1, 1, 1, 2, 2, 0, 2]
@@ -128,6 +136,7 @@ def _decode_png(png: bytes) -> np.ndarray:
     return matplotlib.image.imread(io.BytesIO(png), format="png")
 
 
+@pytest.mark.unit
 def test_plots_are_real_images():
     matrix = _decode_png(confusion_matrix_png([[12, 0, 0], [0, 14, 0], [0, 1, 9]], ["class_0", "class_1", "class_2"]))
     bars = _decode_png(feature_importance_png([("alcohol", 0.6), ("hue", 0.4)]))
@@ -136,6 +145,7 @@ def test_plots_are_real_images():
     assert matrix.std() > 0.05  # not a blank canvas
 
 
+@pytest.mark.unit
 def test_accuracy_gate_boundary():
     assert accuracy_gate(0.80, 0.80).passed
     assert not accuracy_gate(0.7999, 0.80).passed
@@ -144,6 +154,7 @@ def test_accuracy_gate_boundary():
     assert "fails the gate evaluation.min_accuracy" in gate.message
 
 
+@pytest.mark.unit
 def test_regression_gate_against_production():
     assert regression_gate(0.9, None, 0.02).passed
     production = {"version": 3, "metrics": {"accuracy": 0.95}}
@@ -154,6 +165,7 @@ def test_regression_gate_against_production():
     assert "production v3" in dropped.message
 
 
+@pytest.mark.unit
 def test_drift_is_found_only_where_the_distribution_moved(wine_frame):
     from wine_assets.drift import feature_drift, reference_sample
 

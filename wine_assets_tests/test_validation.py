@@ -22,12 +22,14 @@ def concerns_of(frame):
     return group_by_concern(failures)
 
 
+@pytest.mark.unit
 def test_the_builtin_data_passes_every_concern(wine_frame):
     results = concerns_of(wine_frame)
     assert list(results) == ["schema", "no_missing_values", "value_ranges"]
     assert all(result.passed for result in results.values())
 
 
+@pytest.mark.unit
 def test_bounds_are_half_the_documented_minimum_to_twice_the_maximum():
     assert set(BOUNDS) == set(FEATURE_COLUMNS) and len(FEATURE_COLUMNS) == 13
     for name, (low, high) in DOCUMENTED_RANGES.items():
@@ -35,6 +37,7 @@ def test_bounds_are_half_the_documented_minimum_to_twice_the_maximum():
     assert BOUNDS["alcohol"] == (5.5, 29.6)
 
 
+@pytest.mark.unit
 def test_a_missing_value_fails_only_no_missing_values_and_names_the_row(wine_frame):
     frame = wine_frame.copy()
     frame.loc[17, "ash"] = np.nan
@@ -44,6 +47,7 @@ def test_a_missing_value_fails_only_no_missing_values_and_names_the_row(wine_fra
     assert (case.column, case.row, case.check) == ("ash", 17, "not_nullable")
 
 
+@pytest.mark.unit
 def test_an_out_of_range_value_fails_value_ranges_with_column_row_and_value(wine_frame):
     frame = wine_frame.copy()
     frame.loc[5, "hue"] = -0.5
@@ -54,6 +58,7 @@ def test_an_out_of_range_value_fails_value_ranges_with_column_row_and_value(wine
     assert cases == {("hue", 5, "-0.5"), ("target", 9, "7")}
 
 
+@pytest.mark.unit
 def test_missing_and_extra_columns_fail_the_schema_concern(wine_frame):
     frame = wine_frame.drop(columns=["proline"]).assign(vintage=2020)
     schema = concerns_of(frame)["schema"]
@@ -62,6 +67,7 @@ def test_missing_and_extra_columns_fail_the_schema_concern(wine_frame):
     assert ("vintage", "column not in schema") in found
 
 
+@pytest.mark.unit
 def test_a_non_numeric_value_fails_the_schema_concern_naming_its_row(wine_frame):
     frame = wine_frame.copy()
     frame["magnesium"] = frame["magnesium"].astype(object)
@@ -73,6 +79,7 @@ def test_a_non_numeric_value_fails_the_schema_concern_naming_its_row(wine_frame)
     assert not results["value_ranges"].passed
 
 
+@pytest.mark.unit
 def test_validate_frame_coerces_and_keeps_attrs(wine_frame):
     frame = wine_frame.copy()
     frame["proline"] = frame["proline"].astype(int)
@@ -82,6 +89,7 @@ def test_validate_frame_coerces_and_keeps_attrs(wine_frame):
     assert validated.attrs == {"source": "x", "fingerprint": "y"}
 
 
+@pytest.mark.unit
 def test_validate_frame_error_lists_columns_checks_and_rows(wine_frame):
     frame = wine_frame.copy()
     frame.loc[3, "alcohol"] = 95.0
@@ -92,17 +100,20 @@ def test_validate_frame_error_lists_columns_checks_and_rows(wine_frame):
     assert "column 'alcohol', check less_than_or_equal_to(29.6), row 3: 95.0" in message
 
 
+@pytest.mark.unit
 def test_feature_schema_ignores_the_target_and_extra_columns(wine_frame):
     validated = WineFeatures.validate(wine_frame.assign(note="x"))
     assert "note" in validated.columns
 
 
+@pytest.mark.unit
 def test_sample_size_passes_on_the_builtin_data(wine_frame):
     result = check_sample_size(wine_frame, min_rows_per_class=10, test_size=0.2)
     assert result.passed
     assert result.rows_per_class == {"0": 59, "1": 71, "2": 48}
 
 
+@pytest.mark.unit
 def test_sample_size_fails_for_a_small_or_absent_class(wine_frame):
     few = pd.concat([wine_frame[wine_frame.target != 2], wine_frame[wine_frame.target == 2].head(4)])
     result = check_sample_size(few, min_rows_per_class=10, test_size=0.2)
@@ -113,6 +124,7 @@ def test_sample_size_fails_for_a_small_or_absent_class(wine_frame):
     assert not check_sample_size(wine_frame.drop(columns="target"), 10, 0.2).passed
 
 
+@pytest.mark.unit
 def test_sample_size_fails_when_the_split_would_leave_a_class_out(wine_frame):
     small = wine_frame.groupby("target").head(12)
     result = check_sample_size(small, min_rows_per_class=10, test_size=0.05)
@@ -120,6 +132,7 @@ def test_sample_size_fails_when_the_split_would_leave_a_class_out(wine_frame):
     assert "one side of the split would hold none of it" in result.problems[0]
 
 
+@pytest.mark.unit
 def test_outliers_are_counted_per_feature(wine_frame):
     clean = {row.column: row for row in find_outliers(wine_frame, 1.5)}
     assert clean["alcohol"].outliers == 0

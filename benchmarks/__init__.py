@@ -1,0 +1,1 @@
+"""The benchmarks of `make bench` (run.py; README "Benchmarks"), a package so that the tests import their code."""
