@@ -454,7 +454,7 @@ def alternate(first: Callable[[], None], second: Callable[[], None], repeat: int
 # -- 3. scale ----------------------------------------------------------------------------------
 STAGES = [
     ("raw_wine", "ingestion: read the CSV"),
-    ("raw_wine_check", "data checks (pandera, sample size, outliers, drift)"),
+    ("raw_wine_checks", "data checks (pandera, sample size, outliers, drift)"),
     ("validated_wine", "validation: pandera schema"),
     ("train_test_split_assets", "split"),
     ("scaler", "scaler"),

@@ -156,7 +156,7 @@ def parse_wrk(out: str) -> dict[str, float]:
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (0) + (
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (
         sum(int(value) for value in socket_errors.groups()) if socket_errors else 0
     )
     return {
