@@ -19,10 +19,15 @@ class TrackingError(RuntimeError):
     """MLflow tracking is asked for but cannot be done; the message says what to install or fix."""
 
 
-def ensure_available(params: Params) -> None:
-    """Raise TrackingError now when tracking is asked for and MLflow is not installed."""
-    if params.experiments.mlflow_tracking_uri is not None:
-        _mlflow(params)
+def prepare(params: Params) -> None:
+    """Before any partition runs: raise TrackingError when tracking is asked for and MLflow is not
+    installed, and create a new store's tables here, once. Two grid workers opening a new SQLite
+    store at the same moment both run its migrations and one fails ("duplicate column name")."""
+    if params.experiments.mlflow_tracking_uri is None:
+        return
+    client, _ = _client(params)
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
 
 
 def _mlflow(params: Params) -> Any:

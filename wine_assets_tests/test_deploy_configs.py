@@ -8,7 +8,6 @@ than a dashboard panel or an alert that silently never fires. No server or conta
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import yaml
 from wine_assets.params import load_params
 from wine_assets.serving import metrics
 
-from .conftest import REPO_ROOT, REQUIRE_SERVICES_ENV
+from .support import REPO_ROOT, find_program, require_programs
 
 BIN = Path(sys.executable).parent
 DEPLOY = REPO_ROOT / "deploy"
@@ -52,13 +51,8 @@ def run(*args: str | Path, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "needs promtool (Debian's prometheus package)"
-        if os.environ.get(REQUIRE_SERVICES_ENV):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    require_programs("promtool")
+    return str(find_program("promtool"))
 
 
 def load_yaml(path: Path) -> dict:
@@ -97,6 +91,7 @@ def exported_samples() -> set[str]:
 
 
 # -- Prometheus -------------------------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize("config", ["prometheus.yml", "prometheus-compose.yml"])
 def test_promtool_accepts_the_prometheus_configs_and_their_rule_files(promtool, config):
     checked = run(promtool, "check", "config", PROMETHEUS_DIR / config)
@@ -104,6 +99,7 @@ def test_promtool_accepts_the_prometheus_configs_and_their_rule_files(promtool, 
     assert "1 rule files found" in checked.stdout
 
 
+@pytest.mark.unit
 def test_the_configs_scrape_the_serving_api():
     targets = {}
     for config in ("prometheus.yml", "prometheus-compose.yml"):
@@ -116,18 +112,21 @@ def test_the_configs_scrape_the_serving_api():
     assert targets == {"prometheus.yml": ["127.0.0.1:8080"], "prometheus-compose.yml": ["api:8080"]}
 
 
+@pytest.mark.integration
 def test_promtool_accepts_the_rules(promtool):
     checked = run(promtool, "check", "rules", RULES)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS" in checked.stdout
 
 
+@pytest.mark.integration
 def test_the_rules_unit_tests_pass(promtool):
     tested = run(promtool, "test", "rules", PROMETHEUS_DIR / "rules_test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
 
 
+@pytest.mark.integration
 def test_promtool_rejects_a_broken_expression_in_the_rules_and_in_the_config(promtool, tmp_path):
     text = RULES.read_text()
     assert 'expr: up{job="wine-serving"} == 0' in text
@@ -142,6 +141,7 @@ def test_promtool_rejects_a_broken_expression_in_the_rules_and_in_the_config(pro
     assert configured.returncode != 0
 
 
+@pytest.mark.integration
 def test_the_unit_tests_catch_a_changed_threshold(promtool, tmp_path):
     """The alert tests pin the behaviour: a 5xx threshold raised from 1% to 50% fails them."""
     text = RULES.read_text()
@@ -154,6 +154,7 @@ def test_the_unit_tests_catch_a_changed_threshold(promtool, tmp_path):
     assert "WineServingHighErrorRatio" in tested.stdout + tested.stderr
 
 
+@pytest.mark.unit
 def test_every_alert_exists_with_a_duration_a_severity_and_what_to_do():
     alerts = {rule["alert"]: rule for rule in rules() if "alert" in rule}
     assert ALERTS <= set(alerts)
@@ -168,6 +169,7 @@ def test_every_alert_exists_with_a_duration_a_severity_and_what_to_do():
     assert set(pattern.split("|")) == PREDICTION_ENDPOINTS
 
 
+@pytest.mark.unit
 def test_every_test_in_rules_test_names_an_existing_alert():
     tests = load_yaml(PROMETHEUS_DIR / "rules_test.yml")["tests"]
     tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])}
@@ -186,6 +188,7 @@ def test_every_test_in_rules_test_names_an_existing_alert():
 
 
 # -- metric names against the server's -----------------------------------------------------------------
+@pytest.mark.unit
 def test_the_metrics_module_exports_the_documented_metrics():
     samples = exported_samples()
     for name in (
@@ -200,6 +203,7 @@ def test_the_metrics_module_exports_the_documented_metrics():
     assert "wine_serving_requests_total_total" not in samples
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("source", ["rules.yml", "wine-serving.json"])
 def test_every_metric_the_rules_and_the_dashboard_read_is_exported(source):
     exprs = [rule["expr"] for rule in rules()] if source == "rules.yml" else dashboard_exprs()
@@ -213,11 +217,13 @@ def test_every_metric_the_rules_and_the_dashboard_read_is_exported(source):
     assert not unknown_rules, f"not recorded in rules.yml: {sorted(unknown_rules)}"
 
 
+@pytest.mark.unit
 def test_names_in_sees_metrics_and_rules_but_not_label_values():
     expr = 'sum(rate(wine_serving_requests_total{endpoint="wine_serving_x"}[5m])) / wine_serving:a:b'
     assert names_in(expr) == {"wine_serving_requests_total", "wine_serving:a:b"}
 
 
+@pytest.mark.integration
 def test_every_dashboard_query_parses_as_promql(promtool, tmp_path):
     """Grafana's interval variables replaced, each panel's query checked as a recording rule would be."""
     exprs = [re.sub(r"\$__(rate_)?interval|\$__range", "5m", expr) for expr in dashboard_exprs()]
@@ -228,6 +234,7 @@ def test_every_dashboard_query_parses_as_promql(promtool, tmp_path):
 
 
 # -- Grafana ------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_the_dashboard_has_the_panels_and_uses_the_provisioned_datasource():
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "wine-serving" and dashboard["schemaVersion"] >= 39
@@ -278,12 +285,14 @@ def hadolint(dockerfile: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     return run(BIN / "hadolint", "--no-color", "--format", "json", dockerfile, cwd=cwd)
 
 
+@pytest.mark.integration
 def test_hadolint_finds_nothing_in_the_dockerfile():
     linted = hadolint(DOCKERFILE, REPO_ROOT)
     assert linted.returncode == 0, linted.stdout + linted.stderr
     assert json.loads(linted.stdout or "[]") == []
 
 
+@pytest.mark.integration
 def test_hadolint_flags_an_unpinned_image_and_package(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get install curl\n")
@@ -300,6 +309,7 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined.splitlines() if line.strip()]
 
 
+@pytest.mark.unit
 def test_the_dockerfile_pins_its_base_runs_as_a_user_and_checks_readiness():
     steps = instructions(DOCKERFILE)
     stages = set()
@@ -336,6 +346,7 @@ def test_the_dockerfile_pins_its_base_runs_as_a_user_and_checks_readiness():
     assert "--no-install-project" in syncs[0]
 
 
+@pytest.mark.unit
 def test_the_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
     ignore = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignore[0] == "*"
@@ -355,11 +366,13 @@ def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
     return run(BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", path)
 
 
+@pytest.mark.integration
 def test_the_compose_file_follows_the_compose_specification():
     checked = check_compose(COMPOSE)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "document",
     [
@@ -387,6 +400,7 @@ def published_host_ips(service: dict) -> list[str]:
     return ips
 
 
+@pytest.mark.unit
 def test_compose_publishes_only_on_localhost_and_holds_no_secret():
     compose = load_yaml(COMPOSE)
     assert "version" not in compose
@@ -423,6 +437,7 @@ def test_compose_publishes_only_on_localhost_and_holds_no_secret():
         assert not secret.search(path.read_text()), path
 
 
+@pytest.mark.unit
 def test_the_serving_params_load_and_point_into_the_mounts():
     params = load_params(SERVING_PARAMS)
     assert params.registry_dir == Path("/srv/registry")

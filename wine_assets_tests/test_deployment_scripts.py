@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,14 +20,9 @@ import pytest
 from wine_assets.files import joblib_bytes
 from wine_assets.registry import ModelRegistry
 
-from .conftest import REPO_ROOT
+from .support import REPO_ROOT, require_programs
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("jq") is None or shutil.which("git") is None, reason="needs jq and git (.ci/run installs them)"
-    ),
-]
+pytestmark = pytest.mark.integration
 SCRIPTS = REPO_ROOT / ".github" / "scripts"
 BIN = Path(sys.executable).parent
 
@@ -212,6 +206,7 @@ class GitHub:
 
 @pytest.fixture
 def github(tmp_path):
+    require_programs("jq", "git")
     return GitHub(tmp_path)
 
 

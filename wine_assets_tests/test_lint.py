@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO_ROOT
+import pytest
+
+from .support import REPO_ROOT
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
 SHELL_SCRIPTS = [*sorted((REPO_ROOT / ".github" / "scripts").glob("*.sh")), REPO_ROOT / ".ci" / "run"]
 
 

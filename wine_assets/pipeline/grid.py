@@ -193,9 +193,9 @@ def _run_grid(
     context, params = _load(params_file)
     names = _known(params, datasets or list(params.experiments.datasets))
     from wine_assets.experiments import variants_of
-    from wine_assets.tracking import ensure_available
+    from wine_assets.tracking import prepare
 
-    ensure_available(params)  # MLflow asked for but missing: say so now, not after the scoring
+    prepare(params)  # MLflow asked for but missing: say so now, not after the scoring
     variant_names = list(variants_of(params))
     with dg.DagsterInstance.get() as instance:
         instance.get_runs(limit=1)  # a new instance's tables are made here, not by two workers at once
