@@ -69,8 +69,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """One line at the end naming what was skipped and why (the programs this machine lacks)."""
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: Any) -> Iterator[None]:
+    """After every other summary (coverage, durations, the short list): one line naming what was
+    skipped and why (the programs this machine lacks), just above pytest's closing line."""
+    yield
     reasons: Counter[str] = Counter()
     for report in terminalreporter.stats.get("skipped", []):
         longrepr = report.longrepr

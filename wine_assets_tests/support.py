@@ -72,10 +72,7 @@ def find_program(program: str) -> str | None:
 def missing_reason(programs: list[str]) -> str:
     packages = sorted({package for name in programs for package in OPTIONAL_PROGRAMS[name][0].split()})
     uses = "; ".join(dict.fromkeys(OPTIONAL_PROGRAMS[name][1] for name in programs))
-    return (
-        f"needs {', '.join(programs)} ({uses}): `make test-deps` installs them "
-        f"(apt-get install {' '.join(packages)}); .ci/run does"
-    )
+    return f"needs {', '.join(programs)} ({uses}): `make test-deps` (apt-get install {' '.join(packages)})"
 
 
 def require_programs(*programs: str) -> None:
