@@ -24,6 +24,7 @@ import yaml
 from wine_assets import services
 from wine_assets.ingestion import load_builtin_frame
 
+from .serving_support import Versions, train_versions, wine_features
 from .support import (
     BIN,
     CeleryWorker,
@@ -96,6 +97,18 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 @pytest.fixture(scope="session")
 def wine_frame() -> pd.DataFrame:
     return load_builtin_frame()
+
+
+@pytest.fixture(scope="session")
+def wines() -> pd.DataFrame:
+    """The wine data with the feature names the serving API uses."""
+    return wine_features()
+
+
+@pytest.fixture(scope="session")
+def versions(wines: pd.DataFrame) -> Versions:
+    """Bundles ready to publish for the serving tests: the production forest and a small challenger."""
+    return train_versions(wines)
 
 
 @pytest.fixture

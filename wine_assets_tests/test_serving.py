@@ -26,29 +26,18 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
 from wine_assets.validation import FEATURE_COLUMNS
 
-from .serving_support import ROW, Versions, metric_value, publish, train_versions, wine_features
+from .serving_support import ROW, Versions, metric_value, publish
 from .support import BIN, free_port, require_programs, run_program, start_in_group, stop_group
 
 pytestmark = pytest.mark.integration
 
 POLL = 0.5
 SHARED = pytest.mark.xdist_group("serving")
-
-
-@pytest.fixture(scope="session")
-def wines() -> pd.DataFrame:
-    return wine_features()
-
-
-@pytest.fixture(scope="session")
-def versions(wines) -> Versions:
-    return train_versions(wines)
 
 
 # -- a server in a subprocess --------------------------------------------------------------------

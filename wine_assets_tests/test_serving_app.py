@@ -34,13 +34,10 @@ from .serving_support import (
     PROBABILITIES,
     RECORD,
     ROW,
-    Versions,
     check_headers,
     expected_predictions,
     metric_value,
     publish,
-    train_versions,
-    wine_features,
 )
 
 with warnings.catch_warnings():  # Starlette asks for httpx2 in its test client; httpx is what the project has
@@ -118,16 +115,6 @@ def wait_until(condition: Callable[[], bool], app: App, what: str, timeout: floa
 
 def wait_for_version(app: App, version: str) -> None:
     wait_until(lambda: app.client.get("/ping").headers["x-model-version"] == version, app, f"v{version} served")
-
-
-@pytest.fixture(scope="module")
-def wines() -> pd.DataFrame:
-    return wine_features()
-
-
-@pytest.fixture(scope="module")
-def versions(wines) -> Versions:
-    return train_versions(wines)
 
 
 @pytest.fixture(scope="module")
