@@ -21,11 +21,11 @@ from wine_assets.evaluation import (
 )
 from wine_assets.features import fit_scaler, frame_digest, split_frame
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic, write_json_atomic
-from wine_assets.gates import accuracy_gate, regression_gate
+from wine_assets.gates import accuracy_gate
 from wine_assets.ingestion import load_raw
 from wine_assets.params import load_params
 from wine_assets.registry import ModelRegistry
-from wine_assets.release import release
+from wine_assets.release import challenge, label_check, release
 from wine_assets.training import feature_importances, train_model
 from wine_assets.validation import (
     FEATURE_COLUMNS,
@@ -46,6 +46,8 @@ def main(params_file: str) -> float:
     check_sample_size(raw, params.validation.min_rows_per_class, params.data.test_size)
     find_outliers(raw, params.validation.outlier_iqr_factor)
     frame = validate_frame(raw)
+    registry = ModelRegistry(params.registry_dir)
+    label_check(frame, registry, params)
     train, test = split_frame(frame, params.data.test_size, params.data.random_state)
     scaler = fit_scaler(train)
     model = train_model(train, scaler, params.model).model
@@ -62,9 +64,8 @@ def main(params_file: str) -> float:
     write_bytes_atomic(
         out / "plots" / "feature_importance.png", feature_importance_png(feature_importances(model, FEATURE_COLUMNS))
     )
-    registry = ModelRegistry(params.registry_dir)
     accuracy_gate(metrics["accuracy"], params.evaluation.min_accuracy)
-    regression_gate(metrics["accuracy"], registry.production_manifest(), params.evaluation.max_regression)
+    challenge(model, scaler, registry, params, test)
     evaluated = {
         "model.joblib": sha256_bytes(model_bytes),
         "scaler.joblib": sha256_bytes(scaler_bytes),

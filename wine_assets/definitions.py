@@ -15,7 +15,7 @@ from wine_assets.pipeline.ingestion import raw_wine
 from wine_assets.pipeline.release import model_deployment
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.pipeline.training import wine_model
-from wine_assets.pipeline.validation import raw_wine_checks, validated_wine
+from wine_assets.pipeline.validation import labels_agree_with_production, raw_wine_checks, validated_wine
 
 ASSETS = [
     raw_wine,
@@ -28,7 +28,7 @@ ASSETS = [
     feature_importance_plot,
     model_deployment,
 ]
-ASSET_CHECKS = [raw_wine_checks, evaluation_checks]
+ASSET_CHECKS = [raw_wine_checks, labels_agree_with_production, evaluation_checks]
 
 TRAINING_GROUPS = ("ingestion", "validation", "features", "training", "evaluation")
 

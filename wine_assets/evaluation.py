@@ -121,7 +121,9 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str])
     return _png(figure)
 
 
-def feature_importance_png(importances: Sequence[tuple[str, float]]) -> bytes:
+def feature_importance_png(
+    importances: Sequence[tuple[str, float]], measure: str = "mean decrease in impurity", family: str = "Random Forest"
+) -> bytes:
     """A horizontal bar chart of feature importances, most important on top, as PNG bytes."""
     import seaborn as sns
 
@@ -130,7 +132,7 @@ def feature_importance_png(importances: Sequence[tuple[str, float]]) -> bytes:
     figure = _figure(6, 4.5)
     axes = figure.add_subplot()
     sns.barplot(x=values, y=names, orient="h", color="#4c72b0", ax=axes)
-    axes.set_xlabel("mean decrease in impurity")
+    axes.set_xlabel(measure)
     axes.set_ylabel("")
-    axes.set_title("Random Forest feature importance")
+    axes.set_title(f"{family} feature importance")
     return _png(figure)

@@ -193,8 +193,7 @@ class Variant:
 
 def variants_of(params: Params) -> dict[str, Variant]:
     """Production first, then the declared challengers in the file's order."""
-    production = params.model.model_dump(exclude={"dask_scheduler"})
-    found = {CHAMPION_VARIANT: Variant(CHAMPION_VARIANT, "random_forest", production)}
+    found = {CHAMPION_VARIANT: Variant(CHAMPION_VARIANT, params.model.family, params.model.hyperparameters())}
     for name, spec in params.experiments.variants.items():
         found[name] = Variant(name, spec["family"], {key: value for key, value in spec.items() if key != "family"})
     return found
@@ -210,9 +209,10 @@ def check_variants(params: Params) -> None:
     labels = np.repeat([0, 1, 2], 10)
     problems = []
     for name, variant in variants_of(params).items():
-        if name == CHAMPION_VARIANT:  # the model section: validated field by field with the params
+        if name == CHAMPION_VARIANT and variant.family == "random_forest":  # typed and checked by the params
             continue
-        where = f"{params.origin}: experiments.variants.{name}"
+        section = "model" if name == CHAMPION_VARIANT else f"experiments.variants.{name}"
+        where = f"{params.origin}: {section}"
         try:
             estimator = build_estimator(variant.family, dict(variant.hyperparameters))
         except EstimatorError as exc:

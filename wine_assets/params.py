@@ -27,7 +27,16 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 PARAMS_ENV_VAR = "WINE_ASSETS_PARAMS"
@@ -64,7 +73,20 @@ class DataParams(_Section):
     watch_dir: Text | None = Field(None, description="folder whose *.csv files the new-data sensor watches")
 
 
+ESTIMATOR_FAMILIES = ("random_forest", "extra_trees", "gradient_boosting", "logistic_regression", "decision_tree")
+DASK_FAMILIES = ("random_forest", "extra_trees")  # the families whose fit joblib spreads over a cluster
+ESTIMATOR_ARGS = "estimator_args"  # where another family's own hyperparameters are kept (written flat)
+
+
 class ModelParams(_Section):
+    """The model training_job fits: a family and its hyperparameters.
+
+    ``random_forest`` (the default) has the typed keys below, each checked here. Another family
+    (the ones experiments compare) takes scikit-learn's own hyperparameter names, written flat
+    beside ``family`` as in an experiment variant; scikit-learn checks them when the model is built.
+    """
+
+    family: Literal[ESTIMATOR_FAMILIES] = Field("random_forest", description="the scikit-learn family")
     n_estimators: Count = Field(100, ge=1, description="number of trees")
     max_depth: Count | None = Field(None, ge=1, description="null: grow fully")
     min_samples_split: Count = Field(2, ge=2)
@@ -75,6 +97,22 @@ class ModelParams(_Section):
     dask_scheduler: Text | None = Field(
         None, description="a dask.distributed scheduler address (tcp://host:port) to fit the trees on; null: local"
     )
+    estimator_args: dict[str, Any] = Field(
+        default_factory=dict, description="another family's hyperparameters (written flat in the file)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_estimator_args(cls, data: Any) -> Any:
+        # Another family's own keys (C, learning_rate, ...) are kept aside; for random_forest an
+        # unknown key stays where it is and is refused by name, as before families existed.
+        if not isinstance(data, Mapping) or data.get("family", "random_forest") == "random_forest":
+            return data
+        if data.get("family") not in ESTIMATOR_FAMILIES or ESTIMATOR_ARGS in data:
+            return data
+        known = set(cls.model_fields) - {ESTIMATOR_ARGS}
+        gathered = {key: value for key, value in data.items() if key not in known}
+        return {**{key: value for key, value in data.items() if key in known}, ESTIMATOR_ARGS: gathered}
 
     @field_validator("n_jobs")
     @classmethod
@@ -83,6 +121,30 @@ class ModelParams(_Section):
             raise ValueError("0 is not allowed (use -1 for all cores, or a positive count)")
         return value
 
+    @model_validator(mode="after")
+    def _dask_fits_trees(self) -> ModelParams:
+        if self.dask_scheduler is not None and self.family not in DASK_FAMILIES:
+            raise ValueError(
+                f"dask_scheduler fits the trees of {' or '.join(DASK_FAMILIES)}; family {self.family} "
+                "is fitted locally: set dask_scheduler to null"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        # As the file is written: another family's keys flat beside family, and of the typed keys
+        # only the ones the file gave (a forest's defaults mean nothing to logistic regression).
+        data = handler(self)
+        gathered = data.pop(ESTIMATOR_ARGS, {})
+        if self.family == "random_forest":
+            return data
+        given = self.model_fields_set | {"family", "dask_scheduler"}
+        return {**{key: value for key, value in data.items() if key in given}, **gathered}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The estimator's own hyperparameters (not family, not where it is fitted)."""
+        return self.model_dump(exclude={"family", "dask_scheduler"})
+
 
 class ValidationParams(_Section):
     min_rows_per_class: Count = Field(10, ge=2, description="fewest rows a class may have and still be split")
@@ -90,11 +152,19 @@ class ValidationParams(_Section):
     max_outlier_share: float = Field(0.05, ge=0, le=1, description="share of outlier rows that warns")
     drift_p_value: float = Field(0.01, gt=0, le=1, description="KS-test p-value below which a feature drifted")
     drift_reference_rows: Count = Field(5000, ge=10, description="training rows kept with a release")
+    mislabel_p_value: float = Field(
+        0.001, gt=0, le=1, description="labels_agree_with_production check: a binomial p-value below this blocks"
+    )
 
 
 class EvaluationParams(_Section):
     min_accuracy: float = Field(0.80, ge=0, le=1, description="the release gate")
-    max_regression: float = Field(0.02, ge=0, le=1, description="accuracy drop against production that warns")
+    max_regression: float = Field(
+        0.02, ge=0, le=1, description="accuracy drop against production, on either set, that refuses a release"
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="significance level of McNemar's test against production (one-sided)"
+    )
 
 
 class PathsParams(_Section):
@@ -130,7 +200,6 @@ class ServingParams(_Section):
         return self
 
 
-ESTIMATOR_FAMILIES = ("random_forest", "extra_trees", "gradient_boosting", "logistic_regression", "decision_tree")
 CHAMPION_VARIANT = "production"  # the model section, as a variant of the experiments
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -293,7 +362,11 @@ def describe_allowed(info: FieldInfo) -> str:
         elif isinstance(item, annotated_types.Le):
             high = f" <= {item.le}"
     nullable = type(None) in get_args(info.annotation)
-    members = [arg for arg in get_args(info.annotation) if arg is not type(None)] or [info.annotation]
+    annotation = info.annotation
+    if get_origin(annotation) is Literal:  # its arguments are the choices, not member types
+        members = [annotation]
+    else:
+        members = [arg for arg in get_args(annotation) if arg is not type(None)] or [annotation]
     choices: list[Any] = []
     kinds: list[Any] = []
     for member in members:
@@ -360,7 +433,8 @@ def _message(where: str, error: Mapping[str, Any]) -> str:
     section, key = location[0], location[1]
     fields = SECTIONS[section].model_fields
     if unknown:
-        return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {', '.join(fields)}"
+        keys = ", ".join(name for name in fields if name != ESTIMATOR_ARGS)
+        return f"{where}: unknown key {section}.{key}; the keys of '{section}' are: {keys}"
     if len(location) > 2:  # inside a mapping (experiments.datasets.NAME ...)
         dotted = ".".join(location)
         if error["type"] == "value_error":

@@ -6,6 +6,9 @@ Layout under ``paths.registry_dir``::
         v1/  model.joblib  scaler.joblib  metrics.json  params.yaml  reference.csv  manifest.json
         v2/  ...
         production          # one line naming the version, e.g. "v2"
+        history.jsonl       # every move of the alias and change of the evaluation set, one JSON line each
+        evaluation/         # the frozen, labelled evaluation set every release is judged on
+            evaluation.csv  evaluation.json (its sha256, rows, where it came from, why it was set)
         reserved            # optional: numbers up to this one are taken elsewhere (``reserve``)
     .staging/               # bundles being written; never read as versions
     .lock                   # held while publishing or moving the alias
@@ -16,7 +19,9 @@ Guarantees:
   ``.staging``, loaded back and checked there, then renamed into place.
 * ``production`` moves by an atomic replace, after the version is in place; a
   crash at any point leaves the previous production alias as it was.
-* A file lock serializes publishers, so two releases never share a number.
+* A file lock serializes publishers, so two releases never share a number; a writer that judged a
+  candidate against one production version refuses to move the alias if production moved since.
+* Every alias move is appended to ``history.jsonl`` with what moved it and why.
 * Nothing is unpickled before every file's sha256 matches the manifest: a
   joblib file runs code when loaded.
 """
@@ -45,8 +50,13 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.joblib"
 SCALER_FILE = "scaler.joblib"
 REFERENCE_FILE = "reference.csv"
+HISTORY_FILE = "history.jsonl"
+EVALUATION_DIR = "evaluation"
+EVALUATION_DATA = "evaluation.csv"
+EVALUATION_RECORD = "evaluation.json"
 REQUIRED_FILES = (MODEL_FILE, SCALER_FILE)
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+_ANY = object()  # no expectation of which version production is
 
 
 class RegistryError(Exception):
@@ -191,6 +201,8 @@ class ModelRegistry:
         self.staging_dir = self.root / ".staging"
         self.lock_path = self.root / ".lock"
         self.alias_path = self.model_dir / PRODUCTION_ALIAS
+        self.history_path = self.model_dir / HISTORY_FILE
+        self.evaluation_dir = self.model_dir / EVALUATION_DIR
 
     # -- reading ---------------------------------------------------------------------------
     def versions(self) -> list[int]:
@@ -277,6 +289,44 @@ class ModelRegistry:
                 return version
         return None
 
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded alias move and evaluation-set change, oldest first."""
+        try:
+            lines = self.history_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        events = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RegistryError(f"{self.history_path} line {number} is not valid JSON ({exc})") from exc
+            events.append(event)
+        return events
+
+    def evaluation_set(self) -> tuple[bytes, dict[str, Any]] | None:
+        """The frozen evaluation set's CSV bytes and record, sha256 verified; None before the first release."""
+        record_path = self.evaluation_dir / EVALUATION_RECORD
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ChecksumError(f"{record_path} is not valid JSON ({exc}): the evaluation set is damaged") from exc
+        data_path = self.evaluation_dir / EVALUATION_DATA
+        try:
+            content = data_path.read_bytes()
+        except FileNotFoundError:
+            raise ChecksumError(f"{data_path} is missing: the evaluation set is damaged") from None
+        if not isinstance(record, dict) or sha256_bytes(content) != record.get("sha256"):
+            raise ChecksumError(
+                f"{data_path} does not match its sha256 in {record_path}: the evaluation set was changed by hand; "
+                "set it again with wine-assets registry evaluation-set replace"
+            )
+        return content, record
+
     def _missing_message(self, version: int) -> str:
         known = ", ".join(f"v{v}" for v in self.versions()) or "none"
         return f"version v{version} is not in {self.model_dir} (published versions: {known})"
@@ -299,8 +349,53 @@ class ModelRegistry:
             for leftover in self.staging_dir.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
 
-    def _write_alias(self, version: int) -> None:
+    def _append_history(self, event: Mapping[str, Any]) -> None:
+        # Under the lock. One line per event, fsynced: the record survives what the alias survives.
+        line = json.dumps({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **event}, sort_keys=False)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.history_path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _write_alias(self, version: int, previous: int | None, event: Mapping[str, Any]) -> None:
         write_bytes_atomic(self.alias_path, f"v{version}\n".encode("ascii"))
+        self._append_history({"action": "production", "from": previous, "to": version, **event})
+
+    def _check_expected(self, previous: int | None, expected: int | None | object) -> None:
+        if expected is not _ANY and previous != expected:
+            judged = f"v{expected}" if expected else "no production model"
+            now = f"v{previous}" if previous else "none"
+            raise RegistryError(
+                f"production moved while this candidate was judged against {judged} (it is now {now}): "
+                "nothing was changed; run it again to be judged against the current production"
+            )
+
+    def set_evaluation_set(
+        self, content: bytes, fields: Mapping[str, Any], *, only_if_absent: bool = False
+    ) -> dict[str, Any] | None:
+        """Freeze ``content`` (a labelled CSV) as the evaluation set, recorded in the history.
+
+        With ``only_if_absent`` (seeding at the first release) an existing set is kept: None.
+        """
+        with self.lock():
+            if only_if_absent and (self.evaluation_dir / EVALUATION_RECORD).is_file():
+                return None
+            previous = None
+            with contextlib.suppress(RegistryError, OSError):
+                found = self.evaluation_set()
+                previous = found[1].get("sha256") if found else None
+            record = {
+                **fields,
+                "sha256": sha256_bytes(content),
+                "bytes": len(content),
+                "set_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            self.evaluation_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.evaluation_dir / EVALUATION_DATA, content)
+            write_bytes_atomic(self.evaluation_dir / EVALUATION_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+            self._append_history({"action": "evaluation-set", "previous_sha256": previous, **record})
+            return record
 
     def _production_before_write(self) -> int | None:
         # A damaged alias must not block the write that repairs it: treat it as "no production".
@@ -309,14 +404,24 @@ class ModelRegistry:
         except (RegistryError, OSError, UnicodeDecodeError):
             return None
 
-    def set_production(self, version: int | str) -> tuple[int | None, int]:
-        """Verify a version's checksums, then point ``production`` at it; (previous, new)."""
+    def set_production(
+        self,
+        version: int | str,
+        event: Mapping[str, Any] | None = None,
+        expected_production: int | None | object = _ANY,
+    ) -> tuple[int | None, int]:
+        """Verify a version's checksums, then point ``production`` at it; (previous, new).
+
+        ``event`` is recorded in the history (what moved it, why, the verdict); with
+        ``expected_production`` the move is refused if production is no longer that version.
+        """
         with self.lock():
             number = self.resolve(version)
             verify_dir(self.version_dir(number))
             previous = self._production_before_write()
+            self._check_expected(previous, expected_production)
             if previous != number:
-                self._write_alias(number)
+                self._write_alias(number, previous, {"by": "set_production", **(event or {})})
             return previous, number
 
     def publish(
@@ -325,6 +430,8 @@ class ModelRegistry:
         manifest_fields: Mapping[str, Any],
         check: Callable[[Bundle], None] | None = None,
         set_production: bool = True,
+        expected_production: int | None | object = _ANY,
+        event: Mapping[str, Any] | None = None,
     ) -> PublishResult:
         """Publish a bundle as the next version and (by default) make it production.
 
@@ -332,6 +439,7 @@ class ModelRegistry:
         ``check`` receives the bundle loaded back from disk (checksums verified) before the
         version becomes visible; an exception from it discards the bundle and is re-raised.
         The same model and scaler bytes as an existing version make no new version.
+        ``expected_production`` and ``event`` are as for ``set_production``.
         """
         missing = [name for name in REQUIRED_FILES if name not in files]
         if missing:
@@ -342,11 +450,14 @@ class ModelRegistry:
         with self.lock():
             self._sweep_staging()
             previous = self._production_before_write()
+            self._check_expected(previous, expected_production)
             existing = self.find_same(digests)
             if existing is not None:
                 manifest = verify_dir(self.version_dir(existing))
                 if set_production and previous != existing:
-                    self._write_alias(existing)
+                    self._write_alias(
+                        existing, previous, {"by": "publish (the same files as this version)", **(event or {})}
+                    )
                 return PublishResult(
                     existing,
                     self.version_dir(existing),
@@ -367,7 +478,7 @@ class ModelRegistry:
             contents = {**files, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()}
             final = self._stage_and_rename(version, contents, check)
             if set_production:
-                self._write_alias(version)
+                self._write_alias(version, previous, {"by": "publish", **(event or {})})
             return PublishResult(version, final, manifest, True, previous, version if set_production else previous)
 
     def _stage_and_rename(
@@ -395,16 +506,26 @@ class ModelRegistry:
         fsync_dir(self.model_dir)
         return final
 
-    def import_dir(self, source: Path, set_production: bool = False) -> tuple[int, bool]:
+    def import_dir(
+        self,
+        source: Path,
+        set_production: bool = False,
+        expected_production: int | None | object = _ANY,
+        event: Mapping[str, Any] | None = None,
+    ) -> tuple[int, bool]:
         """Add a bundle folder (from ``export``) under the version its manifest names; (version, added).
 
         Its checksums are verified first. A version already present with the same files is
-        left alone; one with different files is refused.
+        left alone; one with different files is refused. ``expected_production`` and ``event``
+        are as for ``set_production``.
         """
         manifest = verify_dir(source)
         version = parse_version(manifest.get("version", 0))
         with self.lock():
             self._sweep_staging()
+            previous = self._production_before_write()
+            if set_production:
+                self._check_expected(previous, expected_production)
             final = self.version_dir(version)
             added = False
             if final.exists():
@@ -415,8 +536,8 @@ class ModelRegistry:
                 contents = {name: (source / name).read_bytes() for name in [*manifest["files"], MANIFEST_FILE]}
                 self._stage_and_rename(version, contents, check=None)
                 added = True
-            if set_production and self._production_before_write() != version:
-                self._write_alias(version)
+            if set_production and previous != version:
+                self._write_alias(version, previous, {"by": "import", **(event or {})})
             return version, added
 
     def export(self, version: int | str | None, output: Path) -> int:

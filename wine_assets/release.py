@@ -1,18 +1,29 @@
-"""Release: publish exactly the model bytes that were evaluated, and prove they still work.
+"""Release: publish exactly the model bytes that were evaluated, prove they still work, and
+never make production worse without saying so.
 
 A fitted forest pickled again after a load is not byte-identical to the file written at
 training time, so the release never re-serializes: it reads ``model.joblib`` and
 ``scaler.joblib`` from the artifacts folder and refuses them unless their sha256 equals
 what the evaluation scored.
+
+Every move of the ``production`` alias is a challenge to the model in production: both are
+scored on the same rows (the current test set and the registry's frozen evaluation set) and a
+candidate significantly worse (McNemar's exact test) or worse by more than
+``evaluation.max_regression`` on either is refused. The same rules serve ``release_job``, the
+release sensor (it runs release_job), ``experiment release`` and ``registry import
+--production``; ``registry rollback`` is the one explicit override, recorded in the history
+with its verdict. New training labels are checked against production too (``label_check``).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from sklearn.metrics import accuracy_score
@@ -21,18 +32,27 @@ from wine_assets.drift import reference_sample
 from wine_assets.evaluation import HEADLINE_METRICS, predict_test
 from wine_assets.features import frame_digest
 from wine_assets.files import json_text, sha256_bytes
-from wine_assets.gates import accuracy_gate
+from wine_assets.gates import Challenge, LabelAgreement, accuracy_gate, compare_on_rows, label_agreement
 from wine_assets.params import Params, params_to_yaml
 from wine_assets.registry import (
+    EVALUATION_DATA,
     MODEL_FILE,
     REFERENCE_FILE,
     SCALER_FILE,
     Bundle,
     ModelRegistry,
     PublishResult,
+    RegistryError,
     git_commit,
 )
-from wine_assets.validation import CLASS_LABELS, CLASS_VALUES, FEATURE_COLUMNS, TARGET_COLUMN
+from wine_assets.validation import (
+    CLASS_LABELS,
+    CLASS_VALUES,
+    FEATURE_COLUMNS,
+    TARGET_COLUMN,
+    WineValidationError,
+    validate_frame,
+)
 
 
 class ReleaseError(RuntimeError):
@@ -86,6 +106,7 @@ def manifest_fields(metrics: Mapping[str, Any], params: Params, run_id: str | No
     return {
         "data_fingerprint": data.get("fingerprint"),
         "data_source": data.get("source"),
+        "test_rows": data.get("test_rows"),
         "git_commit": git_commit(params.base_dir),
         "dagster_run_id": run_id,
         "metrics": {name: metrics[name] for name in HEADLINE_METRICS},
@@ -109,6 +130,111 @@ def reproduces_accuracy(test: pd.DataFrame, expected: float) -> Callable[[Bundle
     return check
 
 
+# -- the release rules against production ---------------------------------------------------------
+def frame_csv(frame: pd.DataFrame) -> bytes:
+    """Labelled rows as the registry keeps them: the feature columns and the target, no index."""
+    return frame[[*FEATURE_COLUMNS, TARGET_COLUMN]].to_csv(index=False, lineterminator="\n").encode("utf-8")
+
+
+def evaluation_rows(registry: ModelRegistry) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """The registry's frozen evaluation set, checksum-verified and validated; None before the first release."""
+    found = registry.evaluation_set()
+    if found is None:
+        return None
+    content, record = found
+    where = registry.evaluation_dir / EVALUATION_DATA
+    try:
+        frame = validate_frame(pd.read_csv(io.BytesIO(content)), what=f"the evaluation set {where}")
+    except (WineValidationError, ValueError) as exc:
+        raise ReleaseError(str(exc)) from exc
+    return frame, record
+
+
+def production_bundle(registry: ModelRegistry) -> Bundle | None:
+    """The production bundle, or None when nothing is in production; unreadable is a ReleaseError."""
+    try:
+        version = registry.production_version()
+        return None if version is None else registry.load(version)
+    except RegistryError as exc:
+        raise ReleaseError(
+            f"the production model cannot be read, so no candidate can be judged against it: {exc}. "
+            "Repair production first (wine-assets registry rollback N)"
+        ) from exc
+
+
+def predictions(model: Any, scaler: Any, rows: pd.DataFrame) -> np.ndarray:
+    return np.asarray(predict_test(model, scaler, rows))
+
+
+def challenge(
+    model: Any,
+    scaler: Any,
+    registry: ModelRegistry,
+    params: Params,
+    test: pd.DataFrame | None = None,
+    candidate_version: int | None = None,
+) -> Challenge:
+    """Score the candidate and production on the same rows: ``test`` (when given) and the frozen
+    evaluation set (when the registry has one)."""
+    evaluation = params.evaluation
+    production = production_bundle(registry)
+    if production is None:
+        return Challenge(None, (), evaluation.alpha, evaluation.max_regression, candidate_version)
+    row_sets = [("test set", test)] if test is not None else []
+    frozen = evaluation_rows(registry)
+    if frozen is not None:
+        row_sets.append(("evaluation set", frozen[0]))
+    comparisons = tuple(
+        compare_on_rows(
+            name,
+            rows[TARGET_COLUMN].to_numpy(),
+            predictions(model, scaler, rows),
+            predictions(production.model, production.scaler, rows),
+        )
+        for name, rows in row_sets
+    )
+    return Challenge(production.version, comparisons, evaluation.alpha, evaluation.max_regression, candidate_version)
+
+
+def challenge_version(registry: ModelRegistry, version: int, params: Params) -> Challenge:
+    """A published version against production on the frozen evaluation set (a move of the alias to it)."""
+    try:
+        bundle = registry.load(version)
+    except RegistryError as exc:
+        raise ReleaseError(str(exc)) from exc
+    return challenge(bundle.model, bundle.scaler, registry, params, None, candidate_version=version)
+
+
+def label_check(frame: pd.DataFrame, registry: ModelRegistry, params: Params) -> LabelAgreement | None:
+    """Production's predictions against the labels of new training rows; None when nothing is in production.
+
+    Production's own accuracy, the reference, is measured on the frozen evaluation set (or, before
+    there is one, taken from its manifest's test rows).
+    """
+    production = production_bundle(registry)
+    if production is None:
+        return None
+    frozen = evaluation_rows(registry)
+    if frozen is not None:
+        rows = frozen[0]
+        correct = int(np.sum(predictions(production.model, production.scaler, rows) == rows[TARGET_COLUMN].to_numpy()))
+        total = len(rows)
+    else:
+        total = int(production.manifest.get("test_rows") or 0)
+        if total == 0:  # a bundle from before test rows were recorded: its test set's size is unknown
+            return None
+        correct = round(float(production.manifest["metrics"]["accuracy"]) * total)
+    return label_agreement(
+        frame[TARGET_COLUMN].to_numpy(),
+        predictions(production.model, production.scaler, frame),
+        dict(zip(CLASS_VALUES, CLASS_LABELS, strict=True)),
+        production.version,
+        correct,
+        total,
+        params.validation.mislabel_p_value,
+    )
+
+
 def release(
     evaluated: Mapping[str, str | None],
     metrics: Mapping[str, Any],
@@ -119,6 +245,7 @@ def release(
     *,
     set_production: bool = True,
     manifest_extra: Mapping[str, Any] | None = None,
+    event: Mapping[str, Any] | None = None,
 ) -> PublishResult:
     """Publish the evaluated artifacts to the registry in params and make them production.
 
@@ -128,6 +255,9 @@ def release(
 
     The bundle also keeps a sample of the training features (``reference.csv``), the
     reference the feature_drift check compares new data with.
+
+    Becoming production is a challenge to the current production model (``challenge``): a
+    refused candidate publishes nothing. ``event`` is recorded in the registry's history.
     """
     gate = accuracy_gate(float(metrics["accuracy"]), params.evaluation.min_accuracy)
     if not gate.passed:
@@ -142,9 +272,33 @@ def release(
     files["params.yaml"] = params_text.encode("utf-8")
     reference = reference_sample(train, params.validation.drift_reference_rows, params.data.random_state)
     files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
-    return ModelRegistry(params.registry_dir).publish(
-        files,
-        {**manifest_fields(metrics, params, run_id), **(manifest_extra or {})},
-        check=reproduces_accuracy(test, float(metrics["accuracy"])),
-        set_production=set_production,
+    registry = ModelRegistry(params.registry_dir)
+    fields = {**manifest_fields(metrics, params, run_id), **(manifest_extra or {})}
+    if not set_production:
+        return registry.publish(
+            files, fields, check=reproduces_accuracy(test, float(metrics["accuracy"])), set_production=False
+        )
+    # Judged on the exact bytes that will be published (the files were checked against the evaluation).
+    import joblib
+
+    verdict = challenge(
+        joblib.load(io.BytesIO(files[MODEL_FILE])), joblib.load(io.BytesIO(files[SCALER_FILE])), registry, params, test
     )
+    if not verdict.passed:
+        raise ReleaseError(
+            f"{verdict.message}. Nothing was published; production is still v{verdict.production_version}"
+        )
+    result = registry.publish(
+        files,
+        {**fields, "challenge": verdict.to_dict()},
+        check=reproduces_accuracy(test, float(metrics["accuracy"])),
+        expected_production=verdict.production_version,
+        event={"run_id": run_id, "challenge": verdict.to_dict(), **(event or {})},
+    )
+    # The first release freezes its test rows as the evaluation set every later release is judged on.
+    registry.set_evaluation_set(
+        frame_csv(test),
+        {"rows": len(test), "source": f"the test set of v{result.version}", "reason": "seeded by the first release"},
+        only_if_absent=True,
+    )
+    return result

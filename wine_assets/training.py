@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from sklearn.base import ClassifierMixin
 from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
@@ -82,8 +83,14 @@ def fit_estimator(train: pd.DataFrame, scaler: StandardScaler, estimator: Classi
     return TrainingResult(model=estimator, seconds=time.perf_counter() - started)
 
 
-def build_model(model_params: ModelParams) -> RandomForestClassifier:
-    """An unfitted forest with every hyperparameter taken from params."""
+def build_model(model_params: ModelParams) -> ClassifierMixin:
+    """The unfitted estimator the model section names, every hyperparameter taken from params.
+
+    random_forest's keys are typed and checked by the params; another family's are checked by
+    scikit-learn here (EstimatorError names the key).
+    """
+    if model_params.family != "random_forest":
+        return build_estimator(model_params.family, model_params.hyperparameters())
     return RandomForestClassifier(
         n_estimators=model_params.n_estimators,
         max_depth=model_params.max_depth,
@@ -96,11 +103,12 @@ def build_model(model_params: ModelParams) -> RandomForestClassifier:
 
 
 def train_model(train: pd.DataFrame, scaler: StandardScaler, model_params: ModelParams) -> TrainingResult:
-    """Fit the forest on the scaled training features; report how long the fit took.
+    """Fit the model section's estimator on the scaled training features; report how long it took.
 
-    With ``model.dask_scheduler`` set, the trees are fitted on that Dask cluster (joblib's dask
-    backend). Each tree's seed is drawn from ``random_state`` before any tree is fitted, so where
-    a tree is fitted does not change it: the model predicts exactly what a local fit predicts.
+    With ``model.dask_scheduler`` set (forests only), the trees are fitted on that Dask cluster
+    (joblib's dask backend). Each tree's seed is drawn from ``random_state`` before any tree is
+    fitted, so where a tree is fitted does not change it: the model predicts exactly what a local
+    fit predicts.
     """
     model = build_model(model_params)
     if model_params.dask_scheduler is None:
@@ -136,9 +144,21 @@ def _fit_on_dask(model: RandomForestClassifier, features, target, address: str) 
     return TrainingResult(model=model, seconds=seconds, backend=f"dask {address} ({workers} workers)")
 
 
-def feature_importances(
-    model: RandomForestClassifier, feature_names: tuple[str, ...] | list[str]
-) -> list[tuple[str, float]]:
-    """(feature, importance) pairs, most important first, as plain floats."""
-    pairs = zip(feature_names, model.feature_importances_, strict=True)
+def feature_importances(model: ClassifierMixin, feature_names: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+    """(feature, importance) pairs, most important first, as plain floats.
+
+    Trees report their mean decrease in impurity; a linear model, the mean absolute coefficient
+    over the classes (on scaled features, so comparable), normalized to sum to 1.
+    """
+    if hasattr(model, "feature_importances_"):
+        values = np.asarray(model.feature_importances_, dtype=float)
+    else:
+        weights = np.abs(np.asarray(model.coef_, dtype=float)).mean(axis=0)
+        values = weights / weights.sum() if weights.sum() > 0 else weights
+    pairs = zip(feature_names, values, strict=True)
     return sorted(((name, float(value)) for name, value in pairs), key=lambda pair: -pair[1])
+
+
+def importance_label(model: ClassifierMixin) -> str:
+    """What ``feature_importances`` measured for this model, for a chart's axis."""
+    return "mean decrease in impurity" if hasattr(model, "feature_importances_") else "mean |coefficient| (share)"

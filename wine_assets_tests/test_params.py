@@ -93,7 +93,7 @@ def test_bad_values_name_the_file_key_and_allowed_range(write_params, section, k
 
 @pytest.mark.unit
 def test_unknown_keys_and_sections_are_refused(write_params, tmp_path):
-    with pytest.raises(ParamsError, match=r"unknown key model\.n_trees; the keys of 'model' are: n_estimators"):
+    with pytest.raises(ParamsError, match=r"unknown key model\.n_trees; the keys of 'model' are: family, n_estimators"):
         load_params(write_params(model={"n_trees": 5}))
     with pytest.raises(ParamsError, match=r"unknown section 'training'"):
         params_from_mapping({"training": {}})

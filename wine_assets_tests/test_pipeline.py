@@ -84,7 +84,11 @@ def test_the_whole_graph_materializes_with_every_check(good_run):
     assert result.success
     assert materialized(result) == ALL_ASSETS
     evaluations = checks(result)
-    assert set(evaluations) == RAW_CHECKS | {"accuracy_threshold", "no_regression"}
+    assert set(evaluations) == RAW_CHECKS | {
+        "labels_agree_with_production",
+        "accuracy_threshold",
+        "not_worse_than_production",
+    }
     assert all(evaluation.passed for evaluation in evaluations.values())
 
     artifacts = folder / "artifacts"
@@ -243,25 +247,42 @@ def test_bad_params_fail_the_run_naming_the_key(instance, write_params, tmp_path
 
 @pytest.mark.component
 def test_shuffled_labels_fail_the_gate_and_nothing_is_deployed(
-    instance, write_params, write_csv, registry_copy, tmp_path, monkeypatch
+    instance, write_params, write_csv, tmp_path, monkeypatch
 ):
-    before = tree_snapshot(registry_copy)
+    # Nothing in production yet, so no trusted model checks the labels: the accuracy gate stops them.
     params_file = write_params(data={"source": write_csv(edit=shuffled_labels).name})
     result = run(instance, params_file)
     assert not result.success
+    assert checks(result)["labels_agree_with_production"].passed
     gate = checks(result)["accuracy_threshold"]
     assert not gate.passed
     assert gate.metadata["accuracy"].value < 0.80
     assert gate.metadata["margin"].value < 0
     assert "model_deployment" not in materialized(result)
     assert {"evaluation_metrics", "confusion_matrix_plot"} <= materialized(result)  # the plot shows why
-    assert tree_snapshot(registry_copy) == before
+    assert not (tmp_path / "registry").exists()
 
     # The release job re-runs the gate on the stored evaluation and skips the deployment.
     release = run_job("release_job", instance, params_file, monkeypatch)
     assert not release.success
     assert not checks(release)["accuracy_threshold"].passed
     assert materialized(release) == set()
+    assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.component
+def test_shuffled_labels_are_blocked_before_training_when_a_model_is_in_production(
+    instance, write_params, write_csv, registry_copy
+):
+    before = tree_snapshot(registry_copy)
+    result = run(instance, write_params(data={"source": write_csv(edit=shuffled_labels).name}))
+    assert not result.success
+    labels = checks(result)["labels_agree_with_production"]
+    assert not labels.passed and labels.severity == dg.AssetCheckSeverity.ERROR
+    assert "looks mislabelled" in labels.description
+    assert labels.metadata["disagreeing_rows"].value > 60
+    assert labels.metadata["p_value"].value < 0.001
+    assert materialized(result) == {"raw_wine", "validated_wine"}  # nothing trained on them
     assert tree_snapshot(registry_copy) == before
 
 
@@ -300,19 +321,34 @@ def test_release_refuses_an_artifact_rewritten_after_evaluation(instance, write_
 
 
 @pytest.mark.component
-def test_a_weaker_model_warns_about_the_regression_but_still_releases(instance, write_params, registry_copy, tmp_path):
+def test_a_weaker_model_is_refused_against_production_and_nothing_moves(
+    instance, write_params, registry_copy, monkeypatch
+):
+    before = tree_snapshot(registry_copy)
     weak = write_params(
         model={"n_estimators": 1, "max_depth": 1}, evaluation={"min_accuracy": 0.3, "max_regression": 0.02}
     )
     result = run(instance, weak)
-    assert result.success
-    regression = checks(result)["no_regression"]
-    assert not regression.passed
-    assert regression.severity == dg.AssetCheckSeverity.WARN
-    assert regression.metadata["production_version"].value == 1
-    assert regression.metadata["change"].value < -0.02
-    assert "model_deployment" in materialized(result)
-    assert ModelRegistry(registry_copy).production_version() == 2
+    assert not result.success
+    challenge = checks(result)["not_worse_than_production"]
+    assert not challenge.passed and challenge.severity == dg.AssetCheckSeverity.ERROR
+    assert challenge.metadata["verdict"].value == "refused"
+    assert challenge.metadata["production_version"].value == "v1"
+    assert (
+        challenge.metadata["test_set/candidate_accuracy"].value
+        < challenge.metadata["test_set/production_accuracy"].value
+    )
+    assert challenge.metadata["evaluation_set/p_value"].value < 0.05
+    rows = {record.data["rows"]: record.data for record in challenge.metadata["comparison"].value.records}
+    assert set(rows) == {"test set", "evaluation set"} and rows["test set"]["verdict"] == "worse"
+    assert checks(result)["accuracy_threshold"].passed  # the gate alone would have let it through
+    assert "model_deployment" not in materialized(result)
+    assert tree_snapshot(registry_copy) == before
+
+    # The release job re-runs the challenge on the stored model: still refused.
+    release = run_job("release_job", instance, weak, monkeypatch)
+    assert not release.success and not checks(release)["not_worse_than_production"].passed
+    assert tree_snapshot(registry_copy) == before
 
 
 @pytest.mark.component
@@ -363,7 +399,9 @@ def test_feature_drift_warns_against_the_production_training_data(instance, writ
         frame["alcohol"] += 2.0  # still within the schema's bounds, far outside the training data
         return frame
 
-    drifted = run(instance, write_params(data={"source": write_csv("shifted.csv", edit=shifted).name}))
+    drifted = run(
+        instance, write_params(data={"source": write_csv("shifted.csv", edit=shifted).name}), selection=["raw_wine"]
+    )
     drift = checks(drifted)["feature_drift"]
     assert not drift.passed
     assert drift.severity == dg.AssetCheckSeverity.WARN
@@ -378,13 +416,13 @@ def test_feature_drift_warns_against_the_production_training_data(instance, writ
 def test_materializing_the_deployment_alone_cannot_bypass_the_gate(
     instance, write_params, write_csv, registry_copy, monkeypatch
 ):
-    before = tree_snapshot(registry_copy)
+    shutil.rmtree(registry_copy / "wine-classifier")  # no production: the labels reach the accuracy gate
     params_file = write_params(data={"source": write_csv(edit=shuffled_labels).name})
     assert not run_job("training_job", instance, params_file, monkeypatch).success
     alone = run(instance, params_file, selection=["model_deployment"])
     assert not alone.success
     assert re.search(r"test accuracy 0\.\d+ fails the gate evaluation\.min_accuracy = 0\.8000", errors(alone))
-    assert tree_snapshot(registry_copy) == before
+    assert not (registry_copy / "wine-classifier").exists()
 
 
 @pytest.mark.component
@@ -405,14 +443,24 @@ def test_release_refuses_a_split_made_after_the_evaluation(instance, write_param
 
 
 @pytest.mark.component
-def test_a_damaged_production_alias_warns_and_is_repaired_by_the_next_release(instance, write_params, registry_copy):
-    (registry_copy / "wine-classifier" / "production").write_text("garbage\n")
-    result = run(instance, write_params(model={"n_estimators": 30}))
-    assert result.success
-    assert not checks(result)["no_regression"].passed
-    assert checks(result)["no_regression"].severity == dg.AssetCheckSeverity.WARN
+def test_a_damaged_production_alias_blocks_until_a_rollback_repairs_it(instance, write_params, registry_copy):
+    alias = registry_copy / "wine-classifier" / "production"
+    alias.write_text("garbage\n")
+    params_file = write_params(model={"n_estimators": 30})
+    result = run(instance, params_file)
+    assert not result.success
+    labels = checks(result)["labels_agree_with_production"]
+    assert not labels.passed and "production model cannot be read" in labels.description
+    assert "registry rollback" in labels.description
     assert not checks(result)["feature_drift"].passed
-    assert ModelRegistry(registry_copy).production_version() == 2
+    assert alias.read_text() == "garbage\n"  # nothing guessed which model is in production
+
+    registry = ModelRegistry(registry_copy)
+    assert registry.set_production(1, {"by": "rollback", "reason": "repair"}) == (None, 1)
+    repaired = run(instance, params_file)
+    assert repaired.success
+    assert checks(repaired)["not_worse_than_production"].passed
+    assert registry.history()[-1]["by"].startswith("publish")
 
 
 @pytest.mark.component

@@ -58,9 +58,13 @@ def test_release_publishes_the_evaluated_files(trained):
 def test_a_bundle_that_scores_differently_is_discarded(trained):
     params, metrics, train, test, evaluated = trained
     registry = ModelRegistry(params.registry_dir)
-    registry.publish({"model.joblib": b"earlier", "scaler.joblib": b"earlier"}, {})
+    earlier = train_model(train, fit_scaler(train), params.model.model_copy(update={"n_estimators": 3})).model
+    registry.publish({"model.joblib": joblib_bytes(earlier), "scaler.joblib": joblib_bytes(fit_scaler(train))}, {})
     before = tree_snapshot(params.registry_dir)
-    lenient = dataclasses.replace(params, evaluation=EvaluationParams(min_accuracy=0.0))
+    # judged against production first (any verdict passes here), then the loaded-back bundle is re-scored
+    lenient = dataclasses.replace(
+        params, evaluation=EvaluationParams(min_accuracy=0.0, max_regression=1.0, alpha=1e-12)
+    )
     claimed = dict(metrics, accuracy=metrics["accuracy"] - 0.25)
     with pytest.raises(ReleaseError, match="scores .* not the evaluated .*production was not moved"):
         release(evaluated, claimed, train, test, lenient)

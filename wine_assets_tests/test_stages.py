@@ -5,6 +5,7 @@ import io
 import matplotlib.image
 import numpy as np
 import pytest
+from scipy import stats
 
 from wine_assets.evaluation import (
     HEADLINE_METRICS,
@@ -15,7 +16,7 @@ from wine_assets.evaluation import (
 )
 from wine_assets.features import features_of, fit_scaler, split_frame
 from wine_assets.files import joblib_bytes
-from wine_assets.gates import accuracy_gate, regression_gate
+from wine_assets.gates import Challenge, accuracy_gate, compare_on_rows, label_agreement, mcnemar_worse_p
 from wine_assets.params import ModelParams
 from wine_assets.training import build_model, feature_importances, train_model
 from wine_assets.validation import FEATURE_COLUMNS
@@ -155,14 +156,56 @@ def test_accuracy_gate_boundary():
 
 
 @pytest.mark.unit
-def test_regression_gate_against_production():
-    assert regression_gate(0.9, None, 0.02).passed
-    production = {"version": 3, "metrics": {"accuracy": 0.95}}
-    assert regression_gate(0.94, production, 0.02).passed
-    dropped = regression_gate(0.90, production, 0.02)
-    assert not dropped.passed
-    assert dropped.change == pytest.approx(-0.05)
-    assert "production v3" in dropped.message
+def test_mcnemar_exact_test_counts_only_the_rows_where_the_models_differ():
+    # 10 rows only the candidate gets wrong, 0 only production: P(X >= 10 | n = 10, 1/2) = 2^-10
+    assert mcnemar_worse_p(10, 0) == pytest.approx(2**-10)
+    assert mcnemar_worse_p(0, 0) == 1.0
+    assert mcnemar_worse_p(0, 10) == 1.0
+    assert mcnemar_worse_p(6, 4) == pytest.approx(stats.binomtest(6, 10, 0.5, alternative="greater").pvalue)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    candidate = np.array([0, 1, 2, 0, 1, 2, 1, 2])  # two rows wrong
+    production = np.array([0, 1, 2, 0, 1, 0, 0, 1])  # one row wrong, which the candidate gets right
+    item = compare_on_rows("test set", labels, candidate, production)
+    assert (item.candidate_only_wrong, item.production_only_wrong) == (2, 1)
+    assert item.candidate_accuracy == 0.75 and item.production_accuracy == 0.875
+    with pytest.raises(ValueError, match="the evaluation set needs the same, non-zero number"):
+        compare_on_rows("evaluation set", labels, candidate[:3], production)
+
+
+@pytest.mark.unit
+def test_a_challenge_refuses_significantly_worse_or_a_drop_beyond_max_regression():
+    labels = np.zeros(400, dtype=int)
+    production = np.zeros(400, dtype=int)
+    slightly = production.copy()
+    slightly[:4] = 1  # 1 point worse on 400 rows: McNemar p = 1/16, within max_regression 0.02
+    much = production.copy()
+    much[:12] = 1  # 3 points worse: p = 2^-12 and beyond 0.02
+    for candidate, passed in ((production, True), (slightly, True), (much, False)):
+        verdict = Challenge(1, (compare_on_rows("test set", labels, candidate, production),), 0.05, 0.02)
+        assert verdict.passed is passed
+    refused = Challenge(2, (compare_on_rows("evaluation set", labels, much, production),), 0.05, 0.02)
+    assert "significantly worse on the evaluation set" in refused.message
+    assert "more than evaluation.max_regression = 0.02" in refused.message
+    assert refused.to_dict()["comparisons"][0]["verdict"] == "worse"
+    # not significant (p = 1/16) yet 1 point worse: a tighter max_regression refuses it
+    assert not Challenge(1, (compare_on_rows("test set", labels, slightly, production),), 0.05, 0.005).passed
+    assert Challenge(None, (), 0.05, 0.02).passed
+
+
+@pytest.mark.unit
+def test_labels_far_from_production_are_called_mislabelled_naming_the_pairs():
+    names = {0: "class_0", 1: "class_1", 2: "class_2"}
+    labels = np.tile([0, 1, 2], 60)
+    rotated = (labels + 1) % 3
+    blocked = label_agreement(rotated, labels, names, 1, 36, 36, 0.001)
+    assert not blocked.passed and blocked.agreeing == 0
+    assert ("class_1", "class_0", 60) in blocked.disagreements
+    assert "180 of 180 rows disagree with production v1" in blocked.message
+    # production 36/36 on its evaluation set: the reference is the one-sided 95% lower bound, 0.05^(1/36)
+    assert blocked.reference == pytest.approx(0.05 ** (1 / 36))
+    noisy = labels.copy()
+    noisy[:5] = (noisy[:5] + 1) % 3  # 5 of 180 disagree: within what a 36/36 model may get wrong
+    assert label_agreement(noisy, labels, names, 1, 36, 36, 0.001).passed
 
 
 @pytest.mark.unit

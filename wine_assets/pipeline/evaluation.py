@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import StandardScaler
 
 from wine_assets.evaluation import (
@@ -17,11 +17,13 @@ from wine_assets.evaluation import (
     predict_test,
 )
 from wine_assets.files import write_bytes_atomic, write_json_atomic
-from wine_assets.gates import accuracy_gate, regression_gate
-from wine_assets.pipeline.metadata import png_markdown, table, warning_result
+from wine_assets.gates import Challenge, accuracy_gate
+from wine_assets.params import Params
+from wine_assets.pipeline.metadata import png_markdown, table
 from wine_assets.pipeline.resources import WineParamsResource
-from wine_assets.registry import ModelRegistry, RegistryError
-from wine_assets.training import feature_importances
+from wine_assets.registry import ModelRegistry
+from wine_assets.release import ReleaseError, challenge
+from wine_assets.training import feature_importances, importance_label
 from wine_assets.validation import FEATURE_COLUMNS, TARGET_COLUMN
 
 
@@ -36,7 +38,7 @@ from wine_assets.validation import FEATURE_COLUMNS, TARGET_COLUMN
 )
 def evaluation_metrics(
     context: dg.AssetExecutionContext,
-    wine_model: RandomForestClassifier,
+    wine_model: ClassifierMixin,
     scaler: StandardScaler,
     train_set: pd.DataFrame,
     test_set: pd.DataFrame,
@@ -80,7 +82,7 @@ def _write_plot(directory: Path, name: str, png: bytes) -> Path:
     description="The test-set confusion matrix as a heatmap: <artifacts_dir>/plots/confusion_matrix.png.",
 )
 def confusion_matrix_plot(
-    wine_model: RandomForestClassifier, scaler: StandardScaler, test_set: pd.DataFrame, params: WineParamsResource
+    wine_model: ClassifierMixin, scaler: StandardScaler, test_set: pd.DataFrame, params: WineParamsResource
 ) -> dg.Output[str]:
     metrics = compute_metrics(test_set[TARGET_COLUMN].to_numpy(), predict_test(wine_model, scaler, test_set))
     png = confusion_matrix_png(metrics["confusion_matrix"], metrics["labels"])
@@ -94,10 +96,14 @@ def confusion_matrix_plot(
     group_name="evaluation",
     code_version="1",
     kinds={"seaborn"},
-    description="The forest's feature importances as a bar chart: <artifacts_dir>/plots/feature_importance.png.",
+    description=(
+        "The model's feature importances as a bar chart (a forest's impurity decrease, a linear model's "
+        "mean |coefficient|): <artifacts_dir>/plots/feature_importance.png."
+    ),
 )
-def feature_importance_plot(wine_model: RandomForestClassifier, params: WineParamsResource) -> dg.Output[str]:
-    png = feature_importance_png(feature_importances(wine_model, FEATURE_COLUMNS))
+def feature_importance_plot(wine_model: ClassifierMixin, params: WineParamsResource) -> dg.Output[str]:
+    family = params.values.model.family.replace("_", " ").capitalize()
+    png = feature_importance_png(feature_importances(wine_model, FEATURE_COLUMNS), importance_label(wine_model), family)
     path = _write_plot(params.values.artifacts_dir, "feature_importance.png", png)
     return dg.Output(
         str(path), metadata={"plot": png_markdown(png, "feature importance"), "path": dg.MetadataValue.path(str(path))}
@@ -116,33 +122,60 @@ def accuracy_threshold_result(metrics: dict[str, Any], min_accuracy: float) -> d
     )
 
 
-def no_regression_result(
-    metrics: dict[str, Any], registry: ModelRegistry, max_regression: float
+CHALLENGE_COLUMNS = [
+    ("rows", "string"),
+    ("n", "int"),
+    ("candidate_accuracy", "float"),
+    ("production_accuracy", "float"),
+    ("change", "float"),
+    ("candidate_only_wrong", "int"),
+    ("production_only_wrong", "int"),
+    ("mcnemar_p", "float"),
+    ("verdict", "string"),
+]
+
+
+def challenge_metadata(verdict: Challenge) -> dict[str, Any]:
+    """A challenge's figures for the UI: the table of both models on both sets, and the verdict."""
+    metadata: dict[str, Any] = {
+        "verdict": "passes" if verdict.passed else "refused",
+        "production_version": f"v{verdict.production_version}" if verdict.production_version else "none",
+        "test": "McNemar exact, one-sided (candidate worse)",
+        "alpha": verdict.alpha,
+        "max_regression": verdict.max_regression,
+    }
+    if verdict.comparisons:
+        metadata["comparison"] = table(verdict.rows(), CHALLENGE_COLUMNS)
+        for item in verdict.comparisons:
+            key = item.rows_name.replace(" ", "_")
+            metadata[f"{key}/candidate_accuracy"] = item.candidate_accuracy
+            metadata[f"{key}/production_accuracy"] = item.production_accuracy
+            metadata[f"{key}/p_value"] = item.p_value
+    return metadata
+
+
+def not_worse_than_production_result(
+    model: ClassifierMixin, scaler: StandardScaler, test_set: pd.DataFrame, params: Params
 ) -> dg.AssetCheckResult:
-    def warn(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
-        return warning_result(evaluation_metrics.key, "no_regression", passed, description, metadata)
+    def result(passed: bool, description: str, metadata: dict[str, Any]) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(
+            asset_key=evaluation_metrics.key,
+            check_name="not_worse_than_production",
+            passed=passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata=metadata,
+            description=description,
+        )
 
     try:
-        production = registry.production_manifest()
-    except RegistryError as exc:
-        return warn(
-            False,
-            f"the production model cannot be read, so there is nothing to compare with: {exc}",
-            {"accuracy": float(metrics["accuracy"])},
-        )
-    gate = regression_gate(metrics["accuracy"], production, max_regression)
-    metadata: dict[str, Any] = {"accuracy": gate.accuracy, "max_regression": gate.max_regression}
-    if gate.production_version is not None:
-        metadata.update(
-            production_version=gate.production_version,
-            production_accuracy=gate.production_accuracy,
-            change=gate.change,
-        )
-    return warn(bool(gate.passed), gate.message, metadata)
+        verdict = challenge(model, scaler, ModelRegistry(params.registry_dir), params, test_set)
+    except ReleaseError as exc:
+        return result(False, str(exc), {"verdict": "cannot judge"})
+    return result(verdict.passed, verdict.message, challenge_metadata(verdict))
 
 
-# One step for both: model_deployment waits for the blocking gate, so no_regression always
-# compares with the production model from before this run, without blocking anything itself.
+# One step for both: each is blocking, so model_deployment runs only when the model passes the
+# accuracy gate and is not worse than the production model from before this run.
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec(
@@ -152,18 +185,33 @@ def no_regression_result(
             description="The release gate: test accuracy >= evaluation.min_accuracy (0.80 by default).",
         ),
         dg.AssetCheckSpec(
-            "no_regression",
+            "not_worse_than_production",
             asset=evaluation_metrics,
-            blocking=False,
+            blocking=True,
+            additional_deps=["wine_model", "scaler", "test_set"],  # the candidate and the rows it is judged on
             description=(
-                "Warns when test accuracy is more than evaluation.max_regression (0.02 by default) below the "
-                "production model's. Passes when nothing is in production yet."
+                "The release is a challenger to production: both models score the same rows, the current "
+                "test set and the registry's frozen evaluation set. Refuses a model significantly worse on "
+                "either (McNemar's exact test, one-sided, evaluation.alpha) or less accurate by more than "
+                "evaluation.max_regression. Passes when nothing is in production yet."
             ),
         ),
     ],
-    description="Model-quality checks on evaluation_metrics: the release gate and the regression warning.",
+    ins={
+        "evaluation_metrics": dg.AssetIn("evaluation_metrics"),
+        "wine_model": dg.AssetIn("wine_model"),
+        "scaler": dg.AssetIn("scaler"),
+        "test_set": dg.AssetIn("test_set"),
+    },
+    description="Model-quality checks on evaluation_metrics: the release gate and the challenge to production.",
 )
-def evaluation_checks(evaluation_metrics: dict[str, Any], params: WineParamsResource) -> Any:
+def evaluation_checks(
+    evaluation_metrics: dict[str, Any],
+    wine_model: ClassifierMixin,
+    scaler: StandardScaler,
+    test_set: pd.DataFrame,
+    params: WineParamsResource,
+) -> Any:
     values = params.values
     yield accuracy_threshold_result(evaluation_metrics, values.evaluation.min_accuracy)
-    yield no_regression_result(evaluation_metrics, ModelRegistry(values.registry_dir), values.evaluation.max_regression)
+    yield not_worse_than_production_result(wine_model, scaler, test_set, values)

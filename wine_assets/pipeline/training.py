@@ -1,14 +1,14 @@
-"""Group ``training``: the Random Forest."""
+"""Group ``training``: the model the params' model section names (a Random Forest by default)."""
 
 import dagster as dg
 import pandas as pd
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import StandardScaler
 
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
 from wine_assets.pipeline.metadata import table
 from wine_assets.pipeline.resources import WineParamsResource
-from wine_assets.training import ClusterUnavailable, feature_importances, train_model
+from wine_assets.training import ClusterUnavailable, EstimatorError, feature_importances, train_model
 from wine_assets.validation import FEATURE_COLUMNS
 
 
@@ -17,18 +17,21 @@ from wine_assets.validation import FEATURE_COLUMNS
     code_version="1",
     kinds={"scikitlearn"},
     description=(
-        "A RandomForestClassifier with the hyperparameters in params.yaml (model section), fitted on "
-        "the scaled training features; also written to <artifacts_dir>/model.joblib."
+        "The estimator params.yaml's model section names (family, random_forest by default, and its "
+        "hyperparameters), fitted on the scaled training features; also written to "
+        "<artifacts_dir>/model.joblib."
     ),
 )
 def wine_model(
     context: dg.AssetExecutionContext, train_set: pd.DataFrame, scaler: StandardScaler, params: WineParamsResource
-) -> dg.Output[RandomForestClassifier]:
+) -> dg.Output[ClassifierMixin]:
     values = params.values
     try:
         result = train_model(train_set, scaler, values.model)
     except ClusterUnavailable as exc:
         raise dg.Failure(description=str(exc), metadata={"dask_scheduler": values.model.dask_scheduler}) from exc
+    except EstimatorError as exc:
+        raise dg.Failure(description=f"{values.origin}: model section: {exc}") from exc
     content = joblib_bytes(result.model)
     path = values.artifacts_dir / "model.joblib"
     write_bytes_atomic(path, content)
@@ -41,7 +44,8 @@ def wine_model(
         result.model,
         data_version=dg.DataVersion(sha256),
         metadata={
-            "hyperparameters": values.model.model_dump(),
+            "family": values.model.family,
+            "hyperparameters": values.model.hyperparameters(),
             "training_seconds": float(result.seconds),
             "training_backend": result.backend,
             "train_rows": len(train_set),

@@ -12,6 +12,7 @@ from wine_assets.drift import feature_drift as feature_drift_rows
 from wine_assets.pipeline.metadata import column_schema, table, warning_result
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import REFERENCE_FILE, ModelRegistry, RegistryError
+from wine_assets.release import ReleaseError, label_check
 from wine_assets.validation import (
     DEFAULT_CONCERNS,
     MAX_LISTED_FAILURES,
@@ -197,6 +198,55 @@ def feature_drift_result(raw_wine: pd.DataFrame, registry: ModelRegistry, p_thre
             "ks_tests": table(
                 [vars(row) for row in rows],
                 [("feature", "string"), ("statistic", "float"), ("p_value", "float"), ("drifted", "bool")],
+            ),
+        },
+    )
+
+
+DISAGREEMENT_COLUMNS = [("label", "string"), ("production_predicts", "string"), ("rows", "int")]
+
+
+@dg.asset_check(
+    asset=validated_wine,
+    name="labels_agree_with_production",
+    blocking=True,
+    description=(
+        "New labels against the trusted model: production predicts every row of the new data, and the "
+        "share it agrees with is tested (one-sided exact binomial) against the 95% lower bound of "
+        "production's own accuracy on the registry's evaluation set. Far lower agreement "
+        "(p < validation.mislabel_p_value) blocks the data as mislabelled before anything trains on "
+        "it, naming how many rows and which class pairs disagree. Passes when nothing is in production."
+    ),
+)
+def labels_agree_with_production(validated_wine: pd.DataFrame, params: WineParamsResource) -> dg.AssetCheckResult:
+    values = params.values
+    try:
+        outcome = label_check(validated_wine, ModelRegistry(values.registry_dir), values)
+    except ReleaseError as exc:
+        return dg.AssetCheckResult(passed=False, description=str(exc), metadata={"production_version": "unreadable"})
+    if outcome is None:
+        return dg.AssetCheckResult(
+            passed=True,
+            description="no model in production yet (or none with recorded test rows): nothing to check labels against",
+            metadata={"production_version": "none"},
+        )
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.message,
+        metadata={
+            "production_version": f"v{outcome.production_version}",
+            "rows": outcome.rows,
+            "disagreeing_rows": outcome.rows - outcome.agreeing,
+            "agreement": outcome.agreement,
+            "expected_at_least": outcome.reference,
+            "p_value": outcome.p_value,
+            "p_value_threshold": outcome.p_threshold,
+            "disagreements": table(
+                [
+                    {"label": given, "production_predicts": predicted, "rows": count}
+                    for given, predicted, count in outcome.disagreements
+                ],
+                DISAGREEMENT_COLUMNS,
             ),
         },
     )

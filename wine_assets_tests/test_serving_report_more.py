@@ -1,0 +1,111 @@
+"""`wine-assets serving report`'s reading and deciding (wine_assets.serving.report), called directly on
+prediction logs written by wine_assets.serving.log in tmp_path and on hand-made rows."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from wine_assets.serving.log import PredictionRow, connect, record_feedback
+from wine_assets.serving.report import ReportError, build_report, format_report, latest_experiment, read_rows
+
+pytestmark = pytest.mark.unit
+
+
+def write_log(path, rows: list[tuple[str, str | None, str]]) -> None:
+    """(prediction id, experiment, variant) rows, one second apart in this order, as the server logs them."""
+    connection = connect(path)
+    try:
+        for offset, (prediction_id, experiment, variant) in enumerate(rows):
+            row = PredictionRow(prediction_id, "request", experiment, variant, 1, 0)
+            connection.execute(
+                "INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.prediction_id,
+                    row.request_id,
+                    time.time() + offset,
+                    row.experiment,
+                    row.variant,
+                    1,
+                    0,
+                    None,
+                    None,
+                ),
+            )
+    finally:
+        connection.close()
+
+
+def test_the_latest_experiment_is_the_one_logged_last(tmp_path):
+    path = tmp_path / "predictions.sqlite"
+    assert latest_experiment(path) is None  # no log yet
+    write_log(path, [("a", None, "pinned")])
+    assert latest_experiment(path) is None  # only pinned predictions, which belong to no experiment
+    write_log(path, [("b", "spring", "production"), ("c", "summer", "candidate"), ("d", None, "pinned")])
+    assert latest_experiment(path) == "summer"
+
+
+def test_a_file_that_is_not_a_log_has_no_experiment_and_no_rows(tmp_path):
+    path = tmp_path / "predictions.sqlite"
+    path.write_bytes(b"this is not a SQLite database, only text that happens to be here\n" * 20)
+    assert latest_experiment(path) is None
+    with pytest.raises(ReportError, match=rf"^{path} is not a readable prediction log: file is not a database"):
+        read_rows(path, None)
+
+
+def test_rows_are_filtered_by_experiment_and_joined_with_feedback(tmp_path):
+    path = tmp_path / "predictions.sqlite"
+    write_log(path, [("a", "spring", "production"), ("b", "spring", "candidate"), ("c", "summer", "production")])
+    connection = connect(path)
+    try:
+        assert record_feedback(connection, "b", 2) == (2, True)
+    finally:
+        connection.close()
+    assert sorted(read_rows(path, "spring")) == [
+        ("candidate", 1, 0, None, None, 2),
+        ("production", 1, 0, None, None, None),
+    ]
+    assert len(read_rows(path, None)) == 3
+
+
+def test_no_rows_is_an_error_naming_the_experiment():
+    with pytest.raises(ReportError, match=r"^the log has no predictions for experiment 'autumn'$"):
+        build_report([], "autumn", min_labelled=1)
+    with pytest.raises(ReportError, match=r"^the log has no predictions$"):
+        build_report([], None, min_labelled=1)
+
+
+def test_one_variant_is_reported_without_a_comparison():
+    rows = [
+        ("production", 1, 0, None, None, 0),
+        ("production", 1, 1, None, None, 2),
+        ("production", 1, 2, None, None, None),
+    ]
+    report = build_report(rows, None, min_labelled=1)
+    assert report.mode == "none"
+    assert report.decision == "no comparison: only one variant has predictions"
+    assert report.comparison == {} and report.warnings == []
+    (summary,) = report.variants
+    assert (summary.predictions, summary.labelled, summary.correct, summary.accuracy) == (3, 2, 1, 0.5)
+    text = format_report(report)
+    assert "test:" not in text and "WARNING" not in text
+    assert text.endswith("\ndecision: no comparison: only one variant has predictions\n")
+    assert "experiment: (none named: every prediction in the log, pinned versions included)    mode: none" in text
+
+
+def test_a_split_without_labels_decides_nothing():
+    rows = [("production", 1, 0, None, None, None), ("candidate", 2, 1, None, None, None)]
+    report = build_report(rows, "spring", min_labelled=1)
+    assert report.mode == "split"
+    assert report.comparison == {}
+    assert report.decision == "no decision: no labelled predictions yet"
+    assert report.warnings == [
+        "too few labelled predictions to decide: production has 0, candidate has 0 "
+        "(serving.min_labelled is 1 per variant); send more feedback"
+    ]
+    text = format_report(report)
+    table = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
+    assert table["candidate"] == ["v2", "1", "0", "-", "-"]
+    assert table["production"] == ["v1", "1", "0", "-", "-"]
+    assert "\nWARNING: too few labelled predictions to decide" in text
