@@ -209,13 +209,107 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _release_rules(args: argparse.Namespace) -> Params:
+    # The rules (alpha, max_regression) come from the params even when --registry points elsewhere.
+    return _params(args)
+
+
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
+    """The one explicit override of the release rules: allowed, judged for the record, and recorded."""
+    from wine_assets.release import ReleaseError, challenge_version
+
     registry = _registry(args)
-    previous, current = registry.set_production(args.version)
+    target = registry.resolve(args.version)
+    try:
+        verdict = challenge_version(registry, target, _release_rules(args))
+    except ReleaseError as exc:
+        verdict = None  # a damaged production is what a rollback repairs: judged as "cannot compare"
+        _out(f"not compared with production: {exc}")
+    if verdict is not None and verdict.production_version is not None and verdict.production_version != target:
+        if verdict.comparisons and not verdict.passed:
+            _out(f"warning: {verdict.message}")
+            _out("rolling back anyway, as asked; the verdict is recorded in the history")
+        elif verdict.comparisons:
+            _out(verdict.message)
+    event = {
+        "by": "registry rollback",
+        "reason": args.reason,
+        "challenge": verdict.to_dict() if verdict is not None else None,
+    }
+    previous, current = registry.set_production(target, event)
     if previous == current:
         _out(f"production is already v{current}")
     else:
-        _out(f"production moved from {'v' + str(previous) if previous else 'none'} to v{current}")
+        _out(f"production moved from {'v' + str(previous) if previous else 'none'} to v{current} (recorded)")
+    return EXIT_OK
+
+
+def cmd_registry_history(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    events = registry.history()
+    if args.json:
+        _out(json.dumps(events, indent=2))
+        return EXIT_OK
+    if not events:
+        _out(f"no alias moves recorded in {registry.history_path} yet")
+        return EXIT_OK
+    rows = [["at", "action", "from", "to", "by", "verdict", "reason"]]
+    for event in events:
+        verdict = (event.get("challenge") or {}).get("passed")
+        if event.get("action") == "evaluation-set":
+            moved, target = "", f"{str(event.get('sha256', ''))[:12]} ({event.get('rows')} rows)"
+        else:
+            moved = f"v{event['from']}" if event.get("from") else "none"
+            target = f"v{event.get('to')}"
+        rows.append(
+            [
+                str(event.get("at", "")),
+                str(event.get("action", "")),
+                moved,
+                target,
+                str(event.get("by") or event.get("source") or ""),
+                "" if verdict is None else ("not worse" if verdict else "worse"),
+                str(event.get("reason") or ""),
+            ]
+        )
+    _out(_format_table(rows))
+    return EXIT_OK
+
+
+def cmd_registry_evaluation_set(args: argparse.Namespace) -> int:
+    from wine_assets.ingestion import IngestionError, read_csv_source
+    from wine_assets.release import ReleaseError, evaluation_rows, frame_csv
+    from wine_assets.validation import WineValidationError, validate_frame
+
+    registry = _registry(args)
+    if args.evaluation_command == "show":
+        try:
+            found = evaluation_rows(registry)
+        except ReleaseError as exc:
+            raise CliError(str(exc)) from exc
+        if found is None:
+            _out(f"no evaluation set in {registry.evaluation_dir} yet: the first release seeds it from its test set")
+            return EXIT_OK
+        frame, record = found
+        counts = frame["target"].value_counts().sort_index()
+        _out(f"evaluation set {registry.evaluation_dir} (sha256 verified)")
+        for key in ("rows", "source", "reason", "set_at", "sha256"):
+            _out(f"  {key:<8} {record.get(key)}")
+        _out("  classes  " + ", ".join(f"{label}: {count}" for label, count in counts.items()))
+        return EXIT_OK
+    if not args.reason or not args.reason.strip():
+        raise CliError("--reason is required: the evaluation set changes only with a recorded reason", EXIT_BAD_INPUT)
+    source = Path(args.csv)
+    try:
+        frame, _ = read_csv_source(source, key="evaluation set")
+        frame = validate_frame(frame, what=f"the evaluation set {source}")
+    except (IngestionError, WineValidationError) as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    record = registry.set_evaluation_set(
+        frame_csv(frame), {"rows": len(frame), "source": str(source.resolve()), "reason": args.reason.strip()}
+    )
+    assert record is not None  # only_if_absent is off
+    _out(f"the evaluation set is now {source} ({len(frame)} rows, sha256 {record['sha256'][:12]}); recorded")
     return EXIT_OK
 
 
@@ -237,11 +331,37 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
         raise CliError(f"bundle not found: {source}", EXIT_BAD_INPUT)
     with tempfile.TemporaryDirectory() as scratch:
         folder = source if source.is_dir() else extract_bundle(source, Path(scratch))
-        version, added = registry.import_dir(folder, set_production=args.production)
+        expected, event = _judge_import(registry, folder, args) if args.production else (None, None)
+        version, added = registry.import_dir(
+            folder, set_production=args.production, expected_production=expected, event=event
+        )
     state = "imported as" if added else "already present as"
     production = f"; production is v{registry.production_version()}" if args.production else ""
     _out(f"{source}: {state} v{version}{production}")
     return EXIT_OK
+
+
+def _judge_import(registry: ModelRegistry, folder: Path, args: argparse.Namespace) -> tuple[int | None, dict]:
+    """An imported bundle becomes production only through the release rules (on the evaluation set)."""
+    from wine_assets.registry import load_dir
+    from wine_assets.release import ReleaseError, challenge
+
+    bundle = load_dir(folder)  # checksums verified before anything is unpickled
+    try:
+        verdict = challenge(
+            bundle.model, bundle.scaler, registry, _release_rules(args), candidate_version=bundle.version
+        )
+    except ReleaseError as exc:
+        raise CliError(f"{args.bundle}: not imported: {exc}") from exc
+    if not verdict.passed:
+        raise CliError(
+            f"{args.bundle}: not imported: {verdict.message}. Production is still v{verdict.production_version}; "
+            f"to make it production anyway, import without --production, then "
+            f"wine-assets registry rollback {bundle.version} --reason '...'"
+        )
+    if verdict.comparisons:
+        _out(verdict.message)
+    return verdict.production_version, {"challenge": verdict.to_dict()}
 
 
 def cmd_registry_reserve(args: argparse.Namespace) -> int:
@@ -340,6 +460,8 @@ def cmd_experiment_release(args: argparse.Namespace) -> int:
     params = _params(args)
     from wine_assets.pipeline.grid import GridError, release_winner
 
+    if args.dry_run:
+        return _experiment_release_plan(params, args.dataset)
     try:
         run = release_winner(args.params, args.dataset)
     except (GridError, ParamsError) as exc:
@@ -357,6 +479,41 @@ def cmd_experiment_release(args: argparse.Namespace) -> int:
         )
     else:
         _out(f"production is {production}")
+        _out(f"params file: {released.get('params_file')}")
+        diff = str(released.get("params_diff", ""))
+        if diff.startswith("```diff"):
+            _out(diff.removeprefix("```diff\n").removesuffix("```").rstrip("\n"))
+    return EXIT_OK
+
+
+def _experiment_release_plan(params: Params, dataset: str) -> int:
+    """--dry-run: what a release would publish and the params diff it would write; nothing is changed."""
+    from wine_assets.experiments import read_results, winner_params_change
+
+    if dataset not in params.experiments.datasets:
+        raise CliError(
+            f"{params.origin}: no dataset {dataset!r} in experiments.datasets "
+            f"({', '.join(params.experiments.datasets)})",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        _, decision = read_results(params, dataset)
+    except FileNotFoundError as exc:
+        raise CliError(exc.strerror or str(exc)) from exc
+    if decision["winner"] == decision["champion"]:
+        raise CliError(f"the decision on {dataset!r} keeps {decision['champion']}: there is nothing to release")
+    _out(f"dry run: would release {decision['winner']} from {dataset} as {params.experiments.release_as}")
+    try:
+        change = winner_params_change(decision, params)
+    except ParamsError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    if change is None:
+        _out("no params file would be written (released as a candidate, or no params file is in use)")
+    elif not change.changed:
+        _out(f"{change.path} already names this model")
+    else:
+        _out(change.diff.rstrip("\n"))
+    _out("nothing was changed")
     return EXIT_OK
 
 
@@ -442,9 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("version", nargs="?", help="a version such as 3 or v3 (default: production)")
     show.add_argument("--json", action="store_true", help="print the manifest as JSON")
     show.set_defaults(handler=cmd_registry_show)
-    rollback = registry_commands.add_parser("rollback", help="verify a version's checksums, then make it production")
+    rollback = registry_commands.add_parser(
+        "rollback",
+        help="make a version production (an explicit override: it says when the version is worse, and is recorded)",
+    )
     rollback.add_argument("version", help="a version such as 3 or v3")
+    rollback.add_argument("--reason", help="why, kept in the registry's history")
     rollback.set_defaults(handler=cmd_registry_rollback)
+    history = registry_commands.add_parser("history", help="every move of the production alias, with its verdict")
+    history.add_argument("--json", action="store_true", help="print the history as JSON")
+    history.set_defaults(handler=cmd_registry_history)
+    evaluation = registry_commands.add_parser(
+        "evaluation-set", help="the frozen, labelled rows every release is judged on: show it, or replace it"
+    )
+    evaluation_commands = evaluation.add_subparsers(dest="evaluation_command", metavar="ACTION", required=True)
+    evaluation_commands.add_parser("show", help="where it came from, its rows and classes").set_defaults(
+        handler=cmd_registry_evaluation_set
+    )
+    replace = evaluation_commands.add_parser("replace", help="freeze a labelled CSV as the evaluation set (recorded)")
+    replace.add_argument("csv", help="a CSV with the 13 feature columns and target, validated like data.source")
+    replace.add_argument("--reason", required=True, help="why, kept in the registry's history")
+    replace.set_defaults(handler=cmd_registry_evaluation_set)
     export = registry_commands.add_parser("export", help="write a version as a .tar.gz bundle (for a release)")
     export.add_argument("version", nargs="?", help="a version such as 3 or v3 (default: production)")
     export.add_argument("--output", metavar="FILE", help="default: wine-classifier-v<N>.tar.gz")
@@ -453,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="add an exported bundle (.tar.gz or folder), checksums verified"
     )
     imported.add_argument("bundle", help="a .tar.gz from registry export, or its unpacked folder")
-    imported.add_argument("--production", action="store_true", help="also make it production")
+    imported.add_argument(
+        "--production", action="store_true", help="also make it production (refused if worse than production)"
+    )
     imported.set_defaults(handler=cmd_registry_import)
     reserve = registry_commands.add_parser(
         "reserve", help="take the numbers up to N (e.g. release tags made elsewhere): the next version is above"
@@ -532,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish a dataset's winning challenger (blocked by the challenger_won check when production stays)",
     )
     released.add_argument("--dataset", required=True, help="the dataset whose decision to act on")
+    released.add_argument(
+        "--dry-run", action="store_true", help="print what would be released and the params diff; change nothing"
+    )
     released.set_defaults(handler=cmd_experiment_release)
     return parser
 

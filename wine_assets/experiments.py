@@ -37,7 +37,14 @@ from wine_assets.evaluation import _figure, _png, evaluate
 from wine_assets.features import fit_scaler, frame_digest, split_frame
 from wine_assets.files import joblib_bytes, sha256_file
 from wine_assets.ingestion import FINGERPRINT_ATTR
-from wine_assets.params import CHAMPION_VARIANT, Params, ParamsError
+from wine_assets.params import (
+    CHAMPION_VARIANT,
+    Params,
+    ParamsChange,
+    ParamsError,
+    model_section_change,
+    write_params_change,
+)
 from wine_assets.registry import MODEL_FILE, SCALER_FILE, PublishResult
 from wine_assets.release import ReleaseError, release
 from wine_assets.training import EstimatorError, build_estimator, build_model, fit_estimator
@@ -504,11 +511,24 @@ def experiments_dir(params: Params, dataset: str, variant: str | None = None) ->
     return folder / variant if variant else folder
 
 
+def winner_params_change(decision: Mapping[str, Any], params: Params) -> ParamsChange | None:
+    """The params file with the decision's winner as its model section, or None when nothing would
+    be written (the winner is released as a candidate only, or the params are the built-in defaults)."""
+    if params.experiments.release_as != "production" or params.source_file is None:
+        return None
+    variant = decision["variants"][decision["winner"]]
+    return model_section_change(params.source_file, variant["family"], variant["hyperparameters"])
+
+
 def release_challenger(
     decision: Mapping[str, Any], frame: pd.DataFrame, params: Params, run_id: str | None = None
-) -> PublishResult:
+) -> tuple[PublishResult, ParamsChange | None]:
     """Publish the decision's winner: the model and scaler its partition wrote (sha256 as the
-    decision saw them), its holdout metrics, and its variant, params and scores in the manifest."""
+    decision saw them), its holdout metrics, and its variant, params and scores in the manifest.
+
+    Released as production, the winner also becomes the params file's model section (the diff is
+    recorded in the manifest), so the next training_job run trains it again instead of undoing it.
+    """
     winner, dataset = decision["winner"], decision["dataset"]
     if winner == decision["champion"]:
         raise ReleaseError(f"the decision on {dataset!r} keeps {winner}: there is no challenger to release")
@@ -551,7 +571,9 @@ def release_challenger(
     }
     metrics = {**scores.holdout_metrics, "params": variant_params}
     bundle_params = dataclasses.replace(params, paths=params.paths.model_copy(update={"artifacts_dir": str(folder)}))
-    return release(
+    change = winner_params_change(decision, params)
+    params_record = {"file": str(change.path), "diff": change.diff} if change is not None else None
+    result = release(
         evaluated,
         metrics,
         train,
@@ -569,6 +591,11 @@ def release_challenger(
                 "cv_interval": list(scores.interval),
                 "protocol": {"folds": scores.folds, "repeats": scores.repeats, "seed": scores.seed},
                 "decision": {key: decision[key] for key in ("p_value", "effect_size", "mean_difference", "test")},
-            }
+            },
+            "params_change": params_record,
         },
+        event={"by": f"experiment release ({dataset}: {winner})"},
     )
+    if change is not None and change.changed:
+        write_params_change(change)
+    return result, change

@@ -18,6 +18,7 @@ The defaults here equal the repository's ``params.yaml``; a test keeps them equa
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -597,3 +598,81 @@ def read_params(
 def params_to_yaml(params: Params) -> str:
     """The parameters as YAML text, as stored beside a released model."""
     return yaml.safe_dump(params.to_dict(), sort_keys=False)
+
+
+# -- writing the model section back: releasing an experiment's winner makes it the configuration --
+@dataclass(frozen=True)
+class ParamsChange:
+    """A params file before and after a change, with the unified diff between them."""
+
+    path: Path
+    before: str
+    after: str
+
+    @property
+    def diff(self) -> str:
+        import difflib
+
+        lines = difflib.unified_diff(
+            self.before.splitlines(keepends=True), self.after.splitlines(keepends=True), str(self.path), str(self.path)
+        )
+        return "".join(lines)
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def model_section_change(path: Path, family: str, hyperparameters: Mapping[str, Any]) -> ParamsChange:
+    """The params file with its ``model`` section naming ``family`` and exactly ``hyperparameters``.
+
+    A round-trip YAML edit (ruamel.yaml): the other sections, every comment and the layout stay as
+    they are; a kept key keeps its comment. The result is validated before it is returned.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    try:
+        before = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError(f"params file {path} cannot be read: {exc.strerror}") from exc
+    yaml_rt = YAML()  # round-trip: comments, order and quoting kept
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # never re-wrap a long comment or value
+    yaml_rt.representer.add_representer(  # null as this project writes it, not an empty value
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    try:
+        document = yaml_rt.load(before)
+    except Exception as exc:  # ruamel raises several error types; all mean the same here
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if document is None:
+        document = CommentedMap()
+    if not isinstance(document, Mapping):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    section = document.get("model")
+    if not isinstance(section, CommentedMap):
+        section = CommentedMap()
+        document["model"] = section
+    wanted = {"family": family, **dict(hyperparameters)}
+    if "dask_scheduler" in section:
+        wanted["dask_scheduler"] = section["dask_scheduler"] if family in DASK_FAMILIES else None
+    for key in [key for key in section if key not in wanted]:
+        del section[key]
+    for position, (key, value) in enumerate(wanted.items()):
+        if key in section:
+            section[key] = value
+        else:
+            section.insert(min(position, len(section)), key, value)
+    buffer = io.StringIO()
+    yaml_rt.dump(document, buffer)
+    after = buffer.getvalue()
+    params_from_mapping(yaml.safe_load(after), where=f"{path} (with the new model section)")
+    return ParamsChange(path, before, after)
+
+
+def write_params_change(change: ParamsChange) -> None:
+    """Write the changed params file atomically (the old file stays whole until the rename)."""
+    from wine_assets.files import write_bytes_atomic
+
+    write_bytes_atomic(change.path, change.after.encode("utf-8"))

@@ -28,7 +28,7 @@ from wine_assets.experiments import (
 )
 from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic, write_json_atomic
 from wine_assets.ingestion import IngestionError, class_counts, load_raw
-from wine_assets.params import Params
+from wine_assets.params import Params, ParamsError
 from wine_assets.pipeline.executor import wine_assets_executor
 from wine_assets.pipeline.metadata import png_markdown, table
 from wine_assets.pipeline.resources import WineParamsResource
@@ -319,8 +319,9 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
         description=(
             "The winning challenger's evaluated bundle published to the registry (experiments.release_as: as "
             "production, or as a version for serving.candidate_version), its variant, params and scores in "
-            "the manifest; the same accuracy gate and atomic publish as model_deployment. Blocked by the "
-            "challenger_won check."
+            "the manifest; the same accuracy gate, challenge to production and atomic publish as "
+            "model_deployment. Released as production, the winner becomes the params file's model section. "
+            "Blocked by the challenger_won check."
         ),
     )
     def challenger_release(
@@ -330,11 +331,21 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
         params: WineParamsResource,
     ) -> dg.MaterializeResult:
         try:
-            result = release_challenger(champion_decision, validated_wine, params.values, context.run.run_id)
-        except (ReleaseError, RegistryError) as exc:
+            result, change = release_challenger(champion_decision, validated_wine, params.values, context.run.run_id)
+        except (ReleaseError, RegistryError, ParamsError) as exc:
             raise dg.Failure(description=str(exc)) from exc
+        if change is None:
+            written = "no params file written (released as a candidate, or built-in defaults)"
+        else:
+            written = (
+                f"{change.path}: model section now {champion_decision['winner']}" if change.changed else "unchanged"
+            )
         return dg.MaterializeResult(
             metadata={
+                "params_file": written,
+                "params_diff": dg.MetadataValue.md(
+                    f"```diff\n{change.diff}```" if change and change.changed else "none"
+                ),
                 "variant": champion_decision["winner"],
                 "version": result.version,
                 "new_version": result.created,
