@@ -255,7 +255,10 @@ def cmd_registry_history(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [["at", "action", "from", "to", "by", "verdict", "reason"]]
     for event in events:
-        verdict = (event.get("challenge") or {}).get("passed")
+        judged = event.get("challenge") or {}
+        verdict = judged.get("passed")
+        if verdict is not None and judged.get("production_version") is None:
+            verdict = None  # nothing was in production to compare with
         if event.get("action") == "evaluation-set":
             moved, target = "", f"{str(event.get('sha256', ''))[:12]} ({event.get('rows')} rows)"
         else:

@@ -13,8 +13,12 @@ from sklearn.linear_model import LogisticRegression
 
 from benchmarks.synthetic import linear_frame
 from wine_assets.definitions import ASSET_CHECKS, ASSETS
+from wine_assets.features import features_of, fit_scaler, split_frame
+from wine_assets.files import joblib_bytes
+from wine_assets.ingestion import load_builtin_frame
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
+from wine_assets.training import build_estimator
 
 from .support import tree_snapshot
 
@@ -168,3 +172,70 @@ def test_a_slightly_worse_model_is_released_and_so_is_a_better_one(tmp_path):
     assert verdict.metadata["test_set/p_value"].value > 0.05
     assert registry.production_version() == 3
     assert registry.manifest(3)["challenge"]["comparisons"][0]["verdict"] == "not worse"
+
+
+def test_rollback_is_the_recorded_override_and_import_is_judged(tmp_path, write_params, write_csv, wine_assets_cli):
+    params_file = write_params()
+    assert materialize(params_file, tmp_path / "instance-1").success
+    registry = ModelRegistry(tmp_path / "registry")
+    # a weak model published beside production (as a candidate would be), never judged
+    frame = load_builtin_frame()
+    train, _ = split_frame(frame, 0.2, 42)
+    scaler = fit_scaler(train)
+    stump = build_estimator("decision_tree", {"max_depth": 1, "random_state": 0})
+    stump.fit(scaler.transform(features_of(train)), train["target"])
+    registry.publish(
+        {"model.joblib": joblib_bytes(stump), "scaler.joblib": joblib_bytes(scaler)}, {}, set_production=False
+    )
+    env = {"WINE_ASSETS_PARAMS": str(params_file)}
+
+    # import --production of the worse bundle is refused, and the registry stays as it was
+    assert wine_assets_cli("registry", "export", "2", "--output", tmp_path / "v2.tar.gz", env=env).returncode == 0
+    snapshot = tree_snapshot(tmp_path / "registry")
+    imported = wine_assets_cli("registry", "import", tmp_path / "v2.tar.gz", "--production", env=env)
+    assert imported.returncode == 1
+    assert "not imported: v2 is refused against production v1" in imported.stderr
+    assert "significantly worse on the evaluation set" in imported.stderr
+    assert "registry rollback 2 --reason" in imported.stderr
+    assert tree_snapshot(tmp_path / "registry") == snapshot
+
+    # rollback is allowed, says the version is worse, and records the verdict and the reason
+    rolled = wine_assets_cli("registry", "rollback", "2", "--reason", "checking the stump", env=env)
+    assert rolled.returncode == 0, rolled.stderr
+    assert "warning: v2 is refused against production v1" in rolled.stdout
+    assert "production moved from v1 to v2 (recorded)" in rolled.stdout
+    last = registry.history()[-1]
+    assert (last["from"], last["to"], last["by"], last["reason"]) == (1, 2, "registry rollback", "checking the stump")
+    assert last["challenge"]["passed"] is False
+    back = wine_assets_cli("registry", "rollback", "1", env=env)
+    assert back.returncode == 0 and "not worse than production v2" in back.stdout
+    history = wine_assets_cli("registry", "history", env=env)
+    assert history.returncode == 0
+    lines = history.stdout.splitlines()
+    assert lines[0].split() == ["at", "action", "from", "to", "by", "verdict", "reason"]
+    assert lines[1].split()[1:5] == ["production", "none", "v1", "publish"]
+    assert "evaluation-set" in lines[2] and "seeded by the first release" in lines[2]
+    assert lines[-2].split()[1:] == [
+        "production",
+        "v1",
+        "v2",
+        "registry",
+        "rollback",
+        "worse",
+        "checking",
+        "the",
+        "stump",
+    ]
+
+    # the evaluation set changes only by an explicit, recorded, validated command
+    shown = wine_assets_cli("registry", "evaluation-set", "show", env=env)
+    assert shown.returncode == 0 and "the test set of v1" in shown.stdout and "rows     36" in shown.stdout
+    bad = write_csv("bad.csv", edit=lambda rows: rows.drop(columns=["proline"]))
+    refused = wine_assets_cli("registry", "evaluation-set", "replace", bad, "--reason", "new rows", env=env)
+    assert refused.returncode == 2 and str(bad) in refused.stderr and "proline" in refused.stderr
+    assert registry.evaluation_set()[1]["rows"] == 36
+    whole = write_csv("whole.csv")
+    replaced = wine_assets_cli("registry", "evaluation-set", "replace", whole, "--reason", "all rows", env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert registry.evaluation_set()[1]["rows"] == 178
+    assert registry.history()[-1]["reason"] == "all rows"
