@@ -69,7 +69,7 @@ def test_dg_checks_and_lists_the_project_definitions(env):
     assert {asset["asset_key"] for asset in found["assets"]} == ALL_ASSETS
     assert {job["name"] for job in found["jobs"]} == {"training_job", "release_job"}
     assert {sensor["name"] for sensor in found["sensors"]} == {"new_data_sensor", "release_after_training"}
-    assert len(found["asset_checks"]) == 8
+    assert len(found["asset_checks"]) == 9
 
 
 @pytest.mark.integration
@@ -82,6 +82,9 @@ def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_pa
     params_file = Path(env["WINE_ASSETS_PARAMS"])
     document = yaml.safe_load(params_file.read_text())
     document["data"] = {"source": write_csv(edit=shuffled_labels).name}
+    # An empty registry: with v1 in production, labels_agree_with_production would stop these labels
+    # before training (test_pipeline); here they must reach the accuracy gate.
+    document["paths"] = {**document.get("paths", {}), "registry_dir": "empty-registry"}
     params_file.write_text(yaml.safe_dump(document))
 
     # The failing evaluation is stored in the CLI's instance by a training run in this process (the
@@ -98,6 +101,7 @@ def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_pa
     assert "1 blocking asset check failed with ERROR severity" in release.stderr
     assert tree_snapshot(registry) == before
     assert ModelRegistry(registry).production_version() == 1
+    assert not (tmp_path / "empty-registry" / "wine-classifier").exists()
 
 
 @pytest.mark.integration
@@ -273,7 +277,7 @@ def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path,
     registry = ModelRegistry(tmp_path / "registry")
     publish(registry, "a", "b", "c")
     moved = wine_assets_cli("registry", "rollback", "v2", env=env, cwd=tmp_path)
-    assert moved.returncode == 0 and moved.stdout.strip() == "production moved from v3 to v2"
+    assert moved.returncode == 0 and moved.stdout.strip() == "production moved from v3 to v2 (recorded)"
     assert registry.production_version() == 2
     same = wine_assets_cli("registry", "rollback", "2", env=env, cwd=tmp_path)
     assert same.returncode == 0 and same.stdout.strip() == "production is already v2"

@@ -149,7 +149,7 @@ def test_check_results_come_from_the_latest_runs(tmp_path, write_params, write_c
     assert rows[("raw_wine", "schema")].status == "pass"
     assert rows[("raw_wine", "feature_drift")].status == "pass"
     assert rows[("evaluation_metrics", "accuracy_threshold")].status == "not run"
-    assert len(rows) == 8
+    assert len(rows) == 9
 
 
 @pytest.fixture(scope="module")
