@@ -8,8 +8,10 @@ from wine_assets.params import (
     Params,
     ParamsError,
     load_params,
+    model_section_change,
     params_from_mapping,
     params_to_yaml,
+    write_params_change,
 )
 
 from .support import REPO_ROOT
@@ -227,3 +229,63 @@ def test_experiment_variants_and_datasets_resolve(tmp_path):
     assert params.experiments.variants == {"lr": {"family": "logistic_regression", "C": 2}}
     # an override reaches the section like any other
     assert load_params(path, ["experiments.folds=3"]).experiments.folds == 3
+
+
+@pytest.mark.unit
+def test_the_model_section_names_a_family_and_its_own_hyperparameters(write_params):
+    params = load_params(write_params(model={"family": "logistic_regression", "C": 0.5, "max_iter": 500}))
+    assert params.model.family == "logistic_regression"
+    assert params.model.hyperparameters() == {"C": 0.5, "max_iter": 500}
+    # written back flat, without a forest's defaults
+    assert params.to_dict()["model"] == {
+        "family": "logistic_regression",
+        "dask_scheduler": None,
+        "C": 0.5,
+        "max_iter": 500,
+    }
+    assert params_from_mapping({"model": {"n_estimators": 5}}).model.family == "random_forest"  # files keep working
+    shared = load_params(write_params(model={"family": "extra_trees", "n_estimators": 7}))
+    assert shared.model.hyperparameters() == {"n_estimators": 7}
+    with pytest.raises(ParamsError, match=r"model.n_estimators = 'many' is not a whole number"):
+        load_params(write_params(model={"family": "extra_trees", "n_estimators": "many"}))
+    with pytest.raises(
+        ParamsError, match=r"model.family = 'svm' is not an allowed choice; allowed: one of 'random_forest'"
+    ):
+        load_params(write_params(model={"family": "svm"}))
+    with pytest.raises(ParamsError, match=r"dask_scheduler fits the trees of random_forest or extra_trees"):
+        load_params(write_params(model={"family": "logistic_regression", "dask_scheduler": "tcp://127.0.0.1:1"}))
+
+
+@pytest.mark.unit
+def test_the_model_section_is_rewritten_keeping_comments_and_the_other_sections(tmp_path):
+    path = tmp_path / "params.yaml"
+    original = (
+        "# our settings\n"
+        "data:\n  source: builtin   # the built-in wines\n\n"
+        "model:   # what we train\n  n_estimators: 100  # trees\n  random_state: 42\n  dask_scheduler: null\n\n"
+        "serving:\n  experiment: null\n"
+    )
+    path.write_text(original)
+    change = model_section_change(path, "logistic_regression", {"C": 1.0, "max_iter": 1000})
+    assert change.changed and path.read_text() == original  # nothing written yet
+    assert change.after.startswith("# our settings\ndata:\n  source: builtin   # the built-in wines\n")
+    assert "model:   # what we train\n  family: logistic_regression\n  C: 1.0\n  max_iter: 1000\n" in change.after
+    assert "  dask_scheduler: null\n" in change.after and "serving:\n  experiment: null\n" in change.after
+    assert "-  n_estimators: 100  # trees" in change.diff and "+  family: logistic_regression" in change.diff
+    write_params_change(change)
+    assert load_params(path).model.hyperparameters() == {"C": 1.0, "max_iter": 1000}
+    # the same model again changes nothing
+    assert not model_section_change(path, "logistic_regression", {"C": 1.0, "max_iter": 1000}).changed
+    # a file without a model section gets one; a change that would not validate is refused
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("data:\n  test_size: 0.3\n")
+    added = model_section_change(bare, "random_forest", {"n_estimators": 5})
+    assert yaml.safe_load(added.after) == {
+        "data": {"test_size": 0.3},
+        "model": {"family": "random_forest", "n_estimators": 5},
+    }
+    with pytest.raises(ParamsError, match=r"with the new model section\): unknown key model.C"):
+        model_section_change(bare, "random_forest", {"C": 1.0})
+    bare.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"bare.yaml: not valid YAML"):
+        model_section_change(bare, "random_forest", {})

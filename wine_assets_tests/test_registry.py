@@ -324,3 +324,39 @@ def test_reserved_numbers_are_skipped_and_a_reservation_never_goes_down(registry
     with pytest.raises(RegistryError, match=r"reserved holds 'seven', not a version number"):
         registry.publish(bundle("c"), FIELDS)
     assert registry.versions() == [1, 6]
+
+
+@pytest.mark.unit
+def test_an_alias_move_judged_against_a_production_that_moved_since_is_refused(registry):
+    registry.publish(bundle("a"), FIELDS)
+    registry.publish(bundle("b"), FIELDS, set_production=False)
+    before = tree_snapshot(registry.root)
+    with pytest.raises(
+        RegistryError, match=r"production moved while this candidate was judged against v2 \(it is now v1\)"
+    ):
+        registry.publish(bundle("c"), FIELDS, expected_production=2)
+    with pytest.raises(RegistryError, match=r"judged against no production model \(it is now v1\)"):
+        registry.set_production(2, expected_production=None)
+    assert tree_snapshot(registry.root) == before
+    assert registry.set_production(2, {"by": "test", "reason": "why"}, expected_production=1) == (1, 2)
+    moves = registry.history()
+    assert [(event["from"], event["to"], event["by"]) for event in moves] == [(None, 1, "publish"), (1, 2, "test")]
+    assert moves[-1]["reason"] == "why" and moves[-1]["at"]
+
+
+@pytest.mark.unit
+def test_the_evaluation_set_is_checksummed_and_changes_are_recorded(registry):
+    assert registry.evaluation_set() is None
+    first = registry.set_evaluation_set(b"a,target\n1,0\n", {"rows": 1, "reason": "seed"}, only_if_absent=True)
+    assert first is not None and registry.evaluation_set() == (b"a,target\n1,0\n", first)
+    assert registry.set_evaluation_set(b"other\n", {"rows": 0}, only_if_absent=True) is None  # seeding keeps it
+    second = registry.set_evaluation_set(b"a,target\n2,1\n", {"rows": 1, "reason": "new harvest"})
+    events = [event for event in registry.history() if event["action"] == "evaluation-set"]
+    assert [event["reason"] for event in events] == ["seed", "new harvest"]
+    assert events[1]["previous_sha256"] == first["sha256"] and events[1]["sha256"] == second["sha256"]
+    (registry.evaluation_dir / "evaluation.csv").write_bytes(b"a,target\n3,2\n")
+    with pytest.raises(ChecksumError, match=r"evaluation.csv does not match its sha256 .* changed by hand"):
+        registry.evaluation_set()
+    registry.history_path.write_text('{"action": "production"}\nnot json\n')
+    with pytest.raises(RegistryError, match=r"history.jsonl line 2 is not valid JSON"):
+        registry.history()

@@ -218,3 +218,24 @@ def test_drift_is_found_only_where_the_distribution_moved(wine_frame):
     assert len(calm) == 13 and not any(row.drifted for row in calm)
     moved = wine_frame.assign(hue=wine_frame["hue"] * 1.5)
     assert [row.feature for row in feature_drift(moved, reference, 0.01) if row.drifted] == ["hue"]
+
+
+@pytest.mark.unit
+def test_the_model_section_builds_any_family_and_reports_its_importances(wine_frame):
+    from sklearn.linear_model import LogisticRegression
+
+    from wine_assets.params import params_from_mapping
+    from wine_assets.training import EstimatorError, importance_label
+
+    linear = params_from_mapping({"model": {"family": "logistic_regression", "C": 0.5, "max_iter": 500}}).model
+    model = build_model(linear)
+    assert isinstance(model, LogisticRegression) and (model.C, model.max_iter) == (0.5, 500)
+    train, _ = split_frame(wine_frame, 0.2, 42)
+    scaler = fit_scaler(train)
+    fitted = train_model(train, scaler, linear).model
+    importances = feature_importances(fitted, FEATURE_COLUMNS)
+    assert len(importances) == 13 and sum(value for _, value in importances) == pytest.approx(1.0)
+    assert importance_label(fitted) == "mean |coefficient| (share)"
+    wrong = params_from_mapping({"model": {"family": "logistic_regression", "n_trees": 3}}).model
+    with pytest.raises(EstimatorError, match=r"LogisticRegression has no hyperparameter 'n_trees'"):
+        build_model(wrong)
