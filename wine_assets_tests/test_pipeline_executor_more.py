@@ -1,6 +1,6 @@
 """The project's executor (wine_assets.pipeline.executor) on a one-asset job of this file's own, run by
-Dagster in-process (execute_job on instance_for_test, the job's own executor): the run is tagged with
-the params it was launched with, keeps the tags it already has, and fails naming a bad tag."""
+Dagster in-process (execute_job on instance_for_test, the job's own executor): a run keeps the launch
+tags it already has, and fails naming a bad one. (Tagging a new run: test_cli.py, test_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -44,17 +44,6 @@ def run(instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> tup
         if event.is_run_failure and event.event_specific_data.error
     )
     return instance.get_run_by_id(result.run_id), value, failures
-
-
-@pytest.mark.component
-def test_a_run_is_tagged_with_the_params_file_it_was_launched_with(dagster_home, monkeypatch, write_params):
-    params_file = write_params(model={"n_estimators": 7})
-    monkeypatch.setenv("WINE_ASSETS_PARAMS", str(params_file))
-    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
-        stored, value, _ = run(instance)
-    assert value == 7
-    assert stored.tags[LAUNCH_FILE_TAG] == str(params_file.resolve())
-    assert stored.tags[LAUNCH_BASE_DIR_TAG] == str(params_file.resolve().parent)
 
 
 @pytest.mark.component
