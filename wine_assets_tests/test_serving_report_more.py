@@ -109,3 +109,15 @@ def test_a_split_without_labels_decides_nothing():
     assert table["candidate"] == ["v2", "1", "0", "-", "-"]
     assert table["production"] == ["v1", "1", "0", "-", "-"]
     assert "\nWARNING: too few labelled predictions to decide" in text
+
+
+@pytest.mark.unit
+def test_a_log_in_a_folder_with_uri_characters_is_read(tmp_path):
+    from wine_assets.serving.log import connect
+    from wine_assets.serving.report import latest_experiment, read_rows
+
+    path = tmp_path / "probe #1 ?x=%20" / "predictions.sqlite"
+    path.parent.mkdir()
+    connect(path).close()
+    assert read_rows(path, None) == []
+    assert latest_experiment(path) is None

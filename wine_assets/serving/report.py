@@ -21,6 +21,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from scipy import stats
 
@@ -89,7 +90,7 @@ def read_rows(path: Path, experiment: str | None) -> list[tuple]:
     if not path.is_file():
         raise ReportError(f"no prediction log at {path}: start wine-assets serve (serving.log_path) and send requests")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        connection = _read_only(path)
         try:
             where, args = ("WHERE p.experiment = ?", (experiment,)) if experiment else ("", ())
             return connection.execute(
@@ -106,7 +107,10 @@ def read_rows(path: Path, experiment: str | None) -> list[tuple]:
 def latest_experiment(path: Path) -> str | None:
     if not path.is_file():
         return None
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        connection = _read_only(path)
+    except sqlite3.DatabaseError:
+        return None
     try:
         found = connection.execute(
             "SELECT experiment FROM predictions WHERE experiment IS NOT NULL ORDER BY created DESC LIMIT 1"
@@ -116,6 +120,11 @@ def latest_experiment(path: Path) -> str | None:
     finally:
         connection.close()
     return None if found is None else found[0]
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    # A URI, for mode=ro: the path is percent-quoted, so '#', '?' and '%' in a folder name stay the path.
+    return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=10)
 
 
 def _summary(variant: str, rows: list[tuple[int, int, int | None]]) -> VariantSummary:
