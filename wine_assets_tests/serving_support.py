@@ -5,6 +5,7 @@ and reading Prometheus' text format."""
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from wine_assets.predict import clear_cache, predict
 from wine_assets.registry import REFERENCE_FILE, ModelRegistry
 from wine_assets.training import train_model
 from wine_assets.validation import FEATURE_COLUMNS
+
+with warnings.catch_warnings():  # Starlette asks for httpx2 in its test client; httpx is what the project has
+    warnings.simplefilter("ignore", UserWarning)
+    from starlette.testclient import TestClient  # noqa: F401 (the serving tests' in-process client)
 
 MODEL = "/v2/models/wine-classifier"
 PROBABILITIES = ["probability_class_0", "probability_class_1", "probability_class_2"]

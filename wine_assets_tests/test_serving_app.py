@@ -12,7 +12,6 @@ import logging
 import sqlite3
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,12 @@ from .serving_support import (
     PROBABILITIES,
     RECORD,
     ROW,
+    TestClient,
     check_headers,
     expected_predictions,
     metric_value,
     publish,
 )
-
-with warnings.catch_warnings():  # Starlette asks for httpx2 in its test client; httpx is what the project has
-    warnings.simplefilter("ignore", UserWarning)
-    from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.component
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,15 +25,12 @@ from .serving_support import (
     PROBABILITIES,
     RECORD,
     ROW,
+    TestClient,
     check_headers,
     expected_predictions,
     metric_value,
     publish,
 )
-
-with warnings.catch_warnings():  # Starlette asks for httpx2 in its test client; httpx is what the project has
-    warnings.simplefilter("ignore", UserWarning)
-    from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.component
 
