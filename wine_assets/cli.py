@@ -209,11 +209,6 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _release_rules(args: argparse.Namespace) -> Params:
-    # The rules (alpha, max_regression) come from the params even when --registry points elsewhere.
-    return _params(args)
-
-
 def cmd_registry_rollback(args: argparse.Namespace) -> int:
     """The one explicit override of the release rules: allowed, judged for the record, and recorded."""
     from wine_assets.release import ReleaseError, challenge_version
@@ -221,7 +216,7 @@ def cmd_registry_rollback(args: argparse.Namespace) -> int:
     registry = _registry(args)
     target = registry.resolve(args.version)
     try:
-        verdict = challenge_version(registry, target, _release_rules(args))
+        verdict = challenge_version(registry, target, _params(args))
     except ReleaseError as exc:
         verdict = None  # a damaged production is what a rollback repairs: judged as "cannot compare"
         _out(f"not compared with production: {exc}")
@@ -351,9 +346,7 @@ def _judge_import(registry: ModelRegistry, folder: Path, args: argparse.Namespac
 
     bundle = load_dir(folder)  # checksums verified before anything is unpickled
     try:
-        verdict = challenge(
-            bundle.model, bundle.scaler, registry, _release_rules(args), candidate_version=bundle.version
-        )
+        verdict = challenge(bundle.model, bundle.scaler, registry, _params(args), candidate_version=bundle.version)
     except ReleaseError as exc:
         raise CliError(f"{args.bundle}: not imported: {exc}") from exc
     if not verdict.passed:

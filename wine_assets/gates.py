@@ -127,6 +127,8 @@ class Challenge:
         if self.production_version is None:
             return "no model in production yet: the first release is judged by the accuracy gate alone"
         who = f"v{self.candidate_version}" if self.candidate_version else "the candidate"
+        if not self.comparisons:
+            return f"{who} was not compared with production v{self.production_version}: there is no evaluation set yet"
         scores = "; ".join(
             f"{item.rows_name} ({item.rows} rows): {who} {item.candidate_accuracy:.4f} vs production "
             f"v{self.production_version} {item.production_accuracy:.4f}, McNemar p = {item.p_value:.3g}"

@@ -162,10 +162,6 @@ def production_bundle(registry: ModelRegistry) -> Bundle | None:
         ) from exc
 
 
-def predictions(model: Any, scaler: Any, rows: pd.DataFrame) -> np.ndarray:
-    return np.asarray(predict_test(model, scaler, rows))
-
-
 def challenge(
     model: Any,
     scaler: Any,
@@ -188,8 +184,8 @@ def challenge(
         compare_on_rows(
             name,
             rows[TARGET_COLUMN].to_numpy(),
-            predictions(model, scaler, rows),
-            predictions(production.model, production.scaler, rows),
+            predict_test(model, scaler, rows),
+            predict_test(production.model, production.scaler, rows),
         )
         for name, rows in row_sets
     )
@@ -206,7 +202,8 @@ def challenge_version(registry: ModelRegistry, version: int, params: Params) -> 
 
 
 def label_check(frame: pd.DataFrame, registry: ModelRegistry, params: Params) -> LabelAgreement | None:
-    """Production's predictions against the labels of new training rows; None when nothing is in production.
+    """Production's predictions against the labels of new training rows; None when nothing is in
+    production (or production is a bundle without recorded test rows and there is no evaluation set).
 
     Production's own accuracy, the reference, is measured on the frozen evaluation set (or, before
     there is one, taken from its manifest's test rows).
@@ -217,7 +214,7 @@ def label_check(frame: pd.DataFrame, registry: ModelRegistry, params: Params) ->
     frozen = evaluation_rows(registry)
     if frozen is not None:
         rows = frozen[0]
-        correct = int(np.sum(predictions(production.model, production.scaler, rows) == rows[TARGET_COLUMN].to_numpy()))
+        correct = int(np.sum(predict_test(production.model, production.scaler, rows) == rows[TARGET_COLUMN].to_numpy()))
         total = len(rows)
     else:
         total = int(production.manifest.get("test_rows") or 0)
@@ -226,7 +223,7 @@ def label_check(frame: pd.DataFrame, registry: ModelRegistry, params: Params) ->
         correct = round(float(production.manifest["metrics"]["accuracy"]) * total)
     return label_agreement(
         frame[TARGET_COLUMN].to_numpy(),
-        predictions(production.model, production.scaler, frame),
+        predict_test(production.model, production.scaler, frame),
         dict(zip(CLASS_VALUES, CLASS_LABELS, strict=True)),
         production.version,
         correct,
@@ -274,10 +271,9 @@ def release(
     files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
     registry = ModelRegistry(params.registry_dir)
     fields = {**manifest_fields(metrics, params, run_id), **(manifest_extra or {})}
+    reproduces = reproduces_accuracy(test, float(metrics["accuracy"]))
     if not set_production:
-        return registry.publish(
-            files, fields, check=reproduces_accuracy(test, float(metrics["accuracy"])), set_production=False
-        )
+        return registry.publish(files, fields, check=reproduces, set_production=False)
     # Judged on the exact bytes that will be published (the files were checked against the evaluation).
     import joblib
 
@@ -291,7 +287,7 @@ def release(
     result = registry.publish(
         files,
         {**fields, "challenge": verdict.to_dict()},
-        check=reproduces_accuracy(test, float(metrics["accuracy"])),
+        check=reproduces,
         expected_production=verdict.production_version,
         event={"run_id": run_id, "challenge": verdict.to_dict(), **(event or {})},
     )
