@@ -58,15 +58,33 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test is in exactly one tier, so that `-m` selects each tier completely."""
+    """Every test is in exactly one tier, so that `-m` selects each tier completely.
+
+    `item.nodeid` is read only for the error message: pytest 9.2 caches it on first read, and
+    xdist's loadgroup appends the `@group` suffix to it after this hook (reading it here first
+    silently ungroups every xdist_group, pytest-xdist issue 1386)."""
     wrong = []
     for item in items:
-        tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
-        if len(set(tiers)) != 1:
-            wrong.append(f"{item.nodeid}: {sorted(set(tiers)) or 'no tier'}")
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        if len(tiers) != 1:
+            wrong.append((item, sorted(tiers)))
     if wrong:
+        wrong = [f"{item.nodeid}: {tiers or 'no tier'}" for item, tiers in wrong]
         raise pytest.UsageError(
             "each test needs exactly one tier marker (" + ", ".join(TIERS) + "):\n" + "\n".join(wrong)
+        )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker under --dist=loadgroup, every test of an xdist_group must carry its
+    `@group` id suffix, or its group's shared server starts once per worker without a word."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"--dist=loadgroup did not group {len(lost)} test(s), e.g. {lost[0]}: this pytest and "
+            "pytest-xdist do not agree on test ids (see the pytest pin in pyproject.toml)"
         )
 
 
