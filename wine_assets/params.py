@@ -173,6 +173,16 @@ class PathsParams(_Section):
     registry_dir: Text = Field("registry", description="the local model registry")
 
 
+PublicKey = Annotated[str, Field(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
+
+
+class RegistryParams(_Section):
+    trusted_keys: list[PublicKey] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (ed25519:<base64>) whose signatures on a bundle's manifest are trusted",
+    )
+
+
 class ServingParams(_Section):
     host: Text = Field("127.0.0.1", description="address wine-assets serve binds to")
     port: Count = Field(8080, ge=1, le=65535, description="port wine-assets serve listens on")
@@ -283,6 +293,7 @@ class _Document(_Section):
     validation: ValidationParams = ValidationParams()
     evaluation: EvaluationParams = EvaluationParams()
     paths: PathsParams = PathsParams()
+    registry: RegistryParams = RegistryParams()
     serving: ServingParams = ServingParams()
     experiments: ExperimentsParams = ExperimentsParams()
 
@@ -302,6 +313,7 @@ class Params:
     validation: ValidationParams = field(default_factory=ValidationParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
     paths: PathsParams = field(default_factory=PathsParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
     serving: ServingParams = field(default_factory=ServingParams)
     experiments: ExperimentsParams = field(default_factory=ExperimentsParams)
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
