@@ -48,8 +48,6 @@ from .support import (
     xdist_index,
 )
 
-# The tests that use the Celery worker run on one xdist worker, so one Celery worker serves them all.
-celery = pytest.mark.xdist_group("celery")
 RUN_CELERY = str(REPO_ROOT / "deploy" / "run-celery.yaml")
 
 
@@ -297,7 +295,6 @@ def test_bad_storage_and_executor_config_are_refused_clearly(tmp_path, write_par
 
 # -- the Celery executor --
 @pytest.mark.integration
-@celery
 def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_process(
     scaleout_env, celery_worker, cli_materialized_once, tmp_path
 ):
@@ -337,7 +334,6 @@ def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_proces
 
 
 @pytest.mark.integration
-@celery
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "celery"])
 def test_every_executor_stops_at_a_failed_blocking_data_check(executor, request, scaleout_env, tmp_path, write_csv):
     """dagster-dask's executor would not pass this: it submits every step up front."""
@@ -371,7 +367,6 @@ def test_every_executor_stops_at_a_failed_blocking_data_check(executor, request,
 
 
 @pytest.mark.integration
-@celery
 def test_celery_gate_failure_leaves_the_deployment_unexecuted_and_the_registry_untouched(
     scaleout_env, celery_worker, cli_materialized_once, tmp_path, write_csv
 ):
@@ -395,7 +390,6 @@ def test_celery_gate_failure_leaves_the_deployment_unexecuted_and_the_registry_u
 
 
 @pytest.mark.integration
-@celery
 def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(scaleout_env, celery_worker, tmp_path):
     """The pool process running wine_model is killed (as the OOM killer would): Celery reports the
     task lost, the run fails with that event, and no model file or registry version appears. The
