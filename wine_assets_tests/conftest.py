@@ -267,9 +267,9 @@ def scaleout_env(services_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def celery_worker(scaleout_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorker]:
-    """One Celery worker on this xdist worker's queue, shared by the Celery tests that land on it (not
-    one xdist group: run one after another they take longer than a worker each), started in a folder with a params.yaml of its own that no run
-    must read (it names other folders and a 1-tree forest)."""
+    """One Celery worker on this xdist worker's queue, shared by the Celery tests that land on it
+    (not one xdist group: run one after another they take longer than a worker each), started in
+    a folder with a params.yaml of its own that no run must read (it names other folders and a 1-tree forest)."""
     folder = tmp_path_factory.mktemp("celery_worker")
     (folder / "params.yaml").write_text(
         "model: {n_estimators: 1}\npaths: {artifacts_dir: worker_artifacts, registry_dir: worker_registry}\n"
