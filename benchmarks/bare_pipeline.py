@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from wine_assets import model_format
 from wine_assets.evaluation import (
     compute_metrics,
     confusion_matrix_png,
@@ -20,11 +21,11 @@ from wine_assets.evaluation import (
     predict_test,
 )
 from wine_assets.features import fit_scaler, frame_digest, split_frame
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic, write_json_atomic
+from wine_assets.files import sha256_bytes, write_bytes_atomic, write_json_atomic
 from wine_assets.gates import accuracy_gate
 from wine_assets.ingestion import load_raw
 from wine_assets.params import load_params
-from wine_assets.registry import ModelRegistry
+from wine_assets.registry import MODEL_FILE, SCALER_FILE, ModelRegistry
 from wine_assets.release import challenge, label_check, release
 from wine_assets.training import feature_importances, train_model
 from wine_assets.validation import (
@@ -46,14 +47,14 @@ def main(params_file: str) -> float:
     check_sample_size(raw, params.validation.min_rows_per_class, params.data.test_size)
     find_outliers(raw, params.validation.outlier_iqr_factor)
     frame = validate_frame(raw)
-    registry = ModelRegistry(params.registry_dir)
+    registry = ModelRegistry.from_params(params)
     label_check(frame, registry, params)
     train, test = split_frame(frame, params.data.test_size, params.data.random_state)
     scaler = fit_scaler(train)
     model = train_model(train, scaler, params.model).model
-    scaler_bytes, model_bytes = joblib_bytes(scaler), joblib_bytes(model)
-    write_bytes_atomic(out / "scaler.joblib", scaler_bytes)
-    write_bytes_atomic(out / "model.joblib", model_bytes)
+    scaler_bytes, model_bytes = model_format.dumps(scaler), model_format.dumps(model)
+    write_bytes_atomic(out / SCALER_FILE, scaler_bytes)
+    write_bytes_atomic(out / MODEL_FILE, model_bytes)
     metrics = evaluate(model, scaler, train, test)
     metrics["params"] = params.to_dict()
     write_json_atomic(out / "metrics.json", metrics)
@@ -67,8 +68,8 @@ def main(params_file: str) -> float:
     accuracy_gate(metrics["accuracy"], params.evaluation.min_accuracy)
     challenge(model, scaler, registry, params, test)
     evaluated = {
-        "model.joblib": sha256_bytes(model_bytes),
-        "scaler.joblib": sha256_bytes(scaler_bytes),
+        MODEL_FILE: sha256_bytes(model_bytes),
+        SCALER_FILE: sha256_bytes(scaler_bytes),
         "train_set": frame_digest(train),
         "test_set": frame_digest(test),
     }

@@ -531,7 +531,9 @@ def scale(tmp: Path, sizes: Sequence[int], n_jobs: int) -> list[str]:
         if not report["success"]:
             notes.append(f"{size:,} rows: the run did not succeed (a check failed); see its steps below.")
         columns.append((size, scale_cells(report, sampler.peak)))
-        model_file = workspace.root / "artifacts" / "model.joblib"
+        from wine_assets.registry import MODEL_FILE
+
+        model_file = workspace.root / "artifacts" / MODEL_FILE
         peak = max((rss for _, rss in sampler.samples), default=0)
         notes.append(scale_note(size, elapsed, peak, model_file.stat().st_size if model_file.exists() else None))
     return scale_lines(sizes, n_jobs, columns, notes)
@@ -552,12 +554,12 @@ def scale_cells(report: dict, peak: Callable[[float, float], int]) -> dict[str, 
 
 
 def scale_note(size: int, elapsed: float, peak: int, model_bytes: int | None) -> str:
-    """A size's whole process: time, peak memory in bytes and the size of model.joblib (None: not written)."""
+    """A size's whole process: time, peak memory in bytes and the size of the model file (None: not written)."""
     if model_bytes is None:
         return f"{size:,} rows: whole process {fmt(elapsed)}."
     return (
         f"{size:,} rows: whole process {fmt(elapsed)}, peak memory {peak / 2**20:,.0f} MiB, "
-        f"model.joblib {model_bytes / 2**20:,.1f} MiB."
+        f"the model file {model_bytes / 2**20:,.1f} MiB."
     )
 
 

@@ -180,11 +180,11 @@ def wrk_script(data: bytes) -> str:
 # -- the servers -------------------------------------------------------------------------------
 def make_registry(folder: Path) -> Path:
     """A registry with v1 in production: the default forest on the built-in data's training split."""
+    from wine_assets import model_format
     from wine_assets.features import fit_scaler, split_frame
-    from wine_assets.files import joblib_bytes
     from wine_assets.ingestion import load_builtin_frame
     from wine_assets.params import ModelParams
-    from wine_assets.registry import REFERENCE_FILE, ModelRegistry
+    from wine_assets.registry import MODEL_FILE, REFERENCE_FILE, SCALER_FILE, ModelRegistry
     from wine_assets.training import train_model
     from wine_assets.validation import FEATURE_COLUMNS
 
@@ -194,8 +194,8 @@ def make_registry(folder: Path) -> Path:
     scaler = fit_scaler(train)
     model = train_model(train, scaler, ModelParams()).model
     files = {
-        "model.joblib": joblib_bytes(model),
-        "scaler.joblib": joblib_bytes(scaler),
+        MODEL_FILE: model_format.dumps(model),
+        SCALER_FILE: model_format.dumps(scaler),
         REFERENCE_FILE: train.drop(columns="target").to_csv(index=False).encode(),
     }
     fields = {"class_values": [0, 1, 2], "class_labels": ["class_0", "class_1", "class_2"]}
@@ -206,6 +206,7 @@ def make_registry(folder: Path) -> Path:
 def mlflow_environment(folder: Path) -> tuple[Path | None, str]:
     """A bench-only venv with MLflow and this project's scikit-learn; (python, note)."""
     import sklearn
+    import skops
 
     uv = shutil.which("uv") or str(HERE.parent / ".tools" / "uv" / "bin" / "uv")
     env_dir = folder / "mlflow-env"
@@ -220,6 +221,7 @@ def mlflow_environment(folder: Path) -> tuple[Path | None, str]:
             str(env_dir / "bin" / "python"),
             f"mlflow=={MLFLOW_VERSION}",
             f"scikit-learn=={sklearn.__version__}",
+            f"skops=={skops.__version__}",
         ],
     ]
     for step in steps:
@@ -233,11 +235,13 @@ def mlflow_environment(folder: Path) -> tuple[Path | None, str]:
 
 
 SAVE_MLFLOW_MODEL = """
-import sys, joblib, pandas as pd, mlflow.sklearn
+import sys, pandas as pd, mlflow.sklearn, skops.io
 from mlflow.models import infer_signature
 from sklearn.pipeline import make_pipeline
 registry, target, columns = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-pipeline = make_pipeline(joblib.load(registry + "/scaler.joblib"), joblib.load(registry + "/model.joblib"))
+trusted = ["sklearn.tree._tree.Tree"]
+pipeline = make_pipeline(skops.io.load(registry + "/scaler.skops", trusted=trusted),
+                         skops.io.load(registry + "/model.skops", trusted=trusted))
 example = pd.DataFrame([[float(x) for x in sys.argv[4].split(",")]], columns=columns)
 # the forest was made by this benchmark a moment ago: its tree type may be loaded by skops
 mlflow.sklearn.save_model(pipeline, target, signature=infer_signature(example, pipeline.predict_proba(example)),

@@ -10,20 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from wine_assets import services
+from wine_assets import services, signing
 from wine_assets.files import write_bytes_atomic
 from wine_assets.params import PARAMS_ENV_VAR, Params, ParamsError, load_params
 from wine_assets.registry import (
+    METRICS_FILE,
+    MODEL_FILE,
+    SCALER_FILE,
     InvalidVersion,
     ModelRegistry,
     RegistryError,
     VersionNotFound,
     extract_bundle,
 )
+from wine_assets.signing import SigningError, Trust
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -44,8 +49,13 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def _registry(args: argparse.Namespace) -> ModelRegistry:
-    root = Path(args.registry) if args.registry else _params(args).registry_dir
-    return ModelRegistry(root)
+    """The registry --registry or the params name, trusting the keys the params list."""
+    params = _params(args)
+    try:
+        trust = Trust.from_config(params.registry.trusted_keys)
+    except SigningError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    return ModelRegistry(Path(args.registry) if args.registry else params.registry_dir, trust=trust)
 
 
 def _out(text: str = "") -> None:
@@ -73,7 +83,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     missing = [name for name in ("accuracy", "f1_macro") if not isinstance(metrics.get(name), (int, float))]
     if missing:
         raise CliError(f"{metrics_path} has no numeric {', '.join(missing)}: re-run the pipeline")
-    registry = ModelRegistry(params.registry_dir)
+    registry = ModelRegistry(params.registry_dir)  # reads only the alias: no signature involved
     production = registry.production_version()
     threshold = params.evaluation.min_accuracy
     passed = metrics["accuracy"] >= threshold
@@ -83,9 +93,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     _out(f"data            {data.get('source')} ({data.get('train_rows')} train / {data.get('test_rows')} test rows)")
     _out(f"artifacts       {params.artifacts_dir}")
     for name in (
-        "model.joblib",
-        "scaler.joblib",
-        "metrics.json",
+        MODEL_FILE,
+        SCALER_FILE,
+        METRICS_FILE,
         "plots/confusion_matrix.png",
         "plots/feature_importance.png",
     ):
@@ -101,11 +111,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from wine_assets.predict import PredictionInputError, format_predictions, predict, read_input
 
-    root = _registry(args).root
+    registry = _registry(args)
     data = sys.stdin.buffer.read() if args.input == "-" else None
     try:
         frame = read_input(args.input, data)
-        result = predict(frame, version=args.version, registry_dir=root, strict=args.strict)
+        result = predict(frame, version=args.version, registry_dir=registry, strict=args.strict)
     except PredictionInputError as exc:
         raise CliError(f"{exc}", EXIT_BAD_INPUT) from exc
     text = format_predictions(result.predictions, args.format)
@@ -129,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     try:
         current = read_json(metrics_path, "current metrics")
-        baseline = load_baseline(args.baseline, params.registry_dir)
+        baseline = load_baseline(args.baseline, ModelRegistry.from_params(params))
     except ReportError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     checks = None
@@ -188,7 +198,8 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 def cmd_registry_show(args: argparse.Namespace) -> int:
     registry = _registry(args)
     version = registry.resolve(args.version)
-    manifest = registry.verify(version)
+    verified = registry.verified(version)
+    manifest = verified.manifest
     if args.json:
         _out(json.dumps(manifest, indent=2))
         return EXIT_OK
@@ -200,6 +211,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
     _out(f"  data         {manifest.get('data_source')} sha256 {manifest.get('data_fingerprint')}")
     _out(f"  git commit   {manifest.get('git_commit') or 'unknown'}")
     _out(f"  dagster run  {manifest.get('dagster_run_id') or 'unknown'}")
+    _out(f"  signed by    key {verified.signer} (trusted)")
     _out("  metrics")
     for name, value in manifest.get("metrics", {}).items():
         _out(f"    {name:<20} {value:.4f}")
@@ -344,7 +356,7 @@ def _judge_import(registry: ModelRegistry, folder: Path, args: argparse.Namespac
     from wine_assets.registry import load_dir
     from wine_assets.release import ReleaseError, challenge
 
-    bundle = load_dir(folder)  # checksums verified before anything is unpickled
+    bundle = load_dir(folder, registry.trust)  # signature and checksums verified before any file is loaded
     try:
         verdict = challenge(bundle.model, bundle.scaler, registry, _params(args), candidate_version=bundle.version)
     except ReleaseError as exc:
@@ -358,6 +370,47 @@ def _judge_import(registry: ModelRegistry, folder: Path, args: argparse.Namespac
     if verdict.comparisons:
         _out(verdict.message)
     return verdict.production_version, {"challenge": verdict.to_dict()}
+
+
+def cmd_registry_sign(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    versions = [registry.resolve(version) for version in args.versions] or registry.versions()
+    if not versions:
+        raise CliError(f"no versions in {registry.model_dir} to sign")
+    try:
+        for version in versions:
+            old, new = registry.sign(version)
+            _out(f"v{version}: signed by key {new}" + ("" if old == new else f" (was {old})"))
+    except SigningError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    return EXIT_OK
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    named = args.output or os.environ.get(signing.SIGNING_KEY_FILE_ENV, "").strip()
+    path = Path(named).expanduser() if named else signing.default_key_file()
+    pem = signing.new_private_key_pem()
+    try:
+        signing.write_private_key(path, pem)
+    except (SigningError, OSError) as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    public = signing.public_key_text(signing.private_key_from_pem(pem, str(path)))
+    _out(f"wrote {path} (readable by you only; never commit it)")
+    _out(f"public key {public}  (key id {signing.key_id(public)})")
+    _out("readers trust it with: registry.trusted_keys in params.yaml, or $WINE_ASSETS_TRUSTED_KEYS")
+    return EXIT_OK
+
+
+def cmd_keys_public(args: argparse.Namespace) -> int:
+    try:
+        key = signing.signing_key()
+    except SigningError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
+    if key is None:
+        raise CliError(f"no signing key at {signing.default_key_file()}: make one with wine-assets keys new")
+    public = signing.public_key_text(key)
+    _out(f"{public}  (key id {signing.key_id(public)})")
+    return EXIT_OK
 
 
 def cmd_registry_reserve(args: argparse.Namespace) -> int:
@@ -633,6 +686,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reserve.add_argument("version", help="the highest number taken elsewhere, such as 7 or v7")
     reserve.set_defaults(handler=cmd_registry_reserve)
+    signed = registry_commands.add_parser(
+        "sign", help="sign versions again with the current signing key (after a key rotation; recorded)"
+    )
+    signed.add_argument("versions", nargs="*", help="versions such as 3 or v3 (default: every version)")
+    signed.set_defaults(handler=cmd_registry_sign)
+
+    keys = commands.add_parser("keys", help='the Ed25519 keys that sign model bundles (README "Security")')
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    new_key = key_commands.add_parser("new", help="make a signing key (a PEM file readable by you only)")
+    new_key.add_argument(
+        "--output", metavar="FILE", help="default: $WINE_ASSETS_SIGNING_KEY_FILE, else ~/.config/wine-assets/"
+    )
+    new_key.set_defaults(handler=cmd_keys_new)
+    key_commands.add_parser(
+        "public", help="the public key of the signing key in use, for registry.trusted_keys elsewhere"
+    ).set_defaults(handler=cmd_keys_public)
 
     services_parser = commands.add_parser(
         "services",

@@ -33,9 +33,10 @@ from sklearn.base import ClassifierMixin
 from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
+from wine_assets import model_format
 from wine_assets.evaluation import _figure, _png, evaluate
 from wine_assets.features import fit_scaler, frame_digest, split_frame
-from wine_assets.files import joblib_bytes, sha256_file
+from wine_assets.files import sha256_file
 from wine_assets.ingestion import FINGERPRINT_ATTR
 from wine_assets.params import (
     CHAMPION_VARIANT,
@@ -317,7 +318,7 @@ def score_variant(frame: pd.DataFrame, dataset: str, variant: Variant, params: P
         n_test=n_test,
         fit_seconds=float(np.median(seconds)),
         holdout_metrics=metrics,
-        model_bytes=len(joblib_bytes(fitted.model)),
+        model_bytes=len(model_format.dumps(fitted.model)),
         train_digest=frame_digest(train),
         test_digest=frame_digest(test),
         data_fingerprint=str(frame.attrs.get(FINGERPRINT_ATTR, "")),

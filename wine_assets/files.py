@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,23 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_bytes_atomic(path, json_text(data).encode("utf-8"))
 
 
-def joblib_bytes(obj: Any) -> bytes:
-    """The bytes ``joblib.dump`` writes for ``obj``."""
-    import joblib
+class NotAPlainFile(OSError):
+    """A path that is a symbolic link, not a regular file, or larger than allowed."""
 
-    buffer = io.BytesIO()
-    joblib.dump(obj, buffer)
-    return buffer.getvalue()
+
+def read_plain_file(path: str | os.PathLike[str], limit: int, *, dir_fd: int | None = None) -> bytes:
+    """A regular file's bytes, refusing a symbolic link (never followed), a device, a fifo or a
+    folder, and any file larger than ``limit`` bytes (read no further than that)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAPlainFile(f"{path} is a symbolic link, which is never followed here") from None
+        raise
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise NotAPlainFile(f"{path} is not a regular file")
+        content = handle.read(limit + 1)
+    if len(content) > limit:
+        raise NotAPlainFile(f"{path} is larger than {limit} bytes")
+    return content

@@ -25,6 +25,7 @@ import pandas as pd
 
 from wine_assets.params import load_params
 from wine_assets.registry import Bundle, ModelRegistry
+from wine_assets.signing import Trust
 from wine_assets.validation import (
     FEATURE_COLUMNS,
     MAX_LISTED_FAILURES,
@@ -50,10 +51,18 @@ class PredictionResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_bundle(version: int | str | None = None, registry_dir: str | Path | None = None) -> Bundle:
-    """A verified bundle (production by default), loaded once per process and reused."""
-    root = Path(registry_dir) if registry_dir is not None else load_params().registry_dir
-    registry = ModelRegistry(root.resolve())
+def load_bundle(version: int | str | None = None, registry_dir: str | Path | ModelRegistry | None = None) -> Bundle:
+    """A verified bundle (production by default), loaded once per process and reused.
+
+    ``registry_dir`` is a registry (its trusted keys with it), a folder, or None for the params'
+    registry; a folder or None trusts the keys the params list (``registry.trusted_keys``).
+    """
+    if isinstance(registry_dir, ModelRegistry):
+        registry = registry_dir
+    else:
+        params = load_params()
+        root = Path(registry_dir) if registry_dir is not None else params.registry_dir
+        registry = ModelRegistry(root.resolve(), trust=Trust.from_config(params.registry.trusted_keys))
     number = registry.resolve(version)
     key = (registry.root, number)
     with _CACHE_LOCK:
@@ -139,7 +148,7 @@ def score(bundle: Bundle, features: pd.DataFrame) -> pd.DataFrame:
 def predict(
     frame: pd.DataFrame,
     version: int | str | None = None,
-    registry_dir: str | Path | None = None,
+    registry_dir: str | Path | ModelRegistry | None = None,
     strict: bool = False,
 ) -> PredictionResult:
     """Validate ``frame`` and score it with a released model (production by default)."""

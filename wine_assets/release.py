@@ -1,9 +1,9 @@
 """Release: publish exactly the model bytes that were evaluated, prove they still work, and
 never make production worse without saying so.
 
-A fitted forest pickled again after a load is not byte-identical to the file written at
-training time, so the release never re-serializes: it reads ``model.joblib`` and
-``scaler.joblib`` from the artifacts folder and refuses them unless their sha256 equals
+A fitted forest stored again after a load is not byte-identical to the file written at
+training time, so the release never re-serializes: it reads ``model.skops`` and
+``scaler.skops`` from the artifacts folder and refuses them unless their sha256 equals
 what the evaluation scored.
 
 Every move of the ``production`` alias is a challenge to the model in production: both are
@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 from sklearn.metrics import accuracy_score
 
+from wine_assets import model_format
 from wine_assets.drift import reference_sample
 from wine_assets.evaluation import HEADLINE_METRICS, predict_test
 from wine_assets.features import frame_digest
@@ -36,7 +37,9 @@ from wine_assets.gates import Challenge, LabelAgreement, accuracy_gate, compare_
 from wine_assets.params import Params, params_to_yaml
 from wine_assets.registry import (
     EVALUATION_DATA,
+    METRICS_FILE,
     MODEL_FILE,
+    PARAMS_FILE,
     REFERENCE_FILE,
     SCALER_FILE,
     Bundle,
@@ -246,8 +249,8 @@ def release(
 ) -> PublishResult:
     """Publish the evaluated artifacts to the registry in params and make them production.
 
-    ``evaluated`` holds what evaluation_metrics used: the sha256 of model.joblib and
-    scaler.joblib and the digests of train_set and test_set. Accuracy below
+    ``evaluated`` holds what evaluation_metrics used: the sha256 of model.skops and
+    scaler.skops and the digests of train_set and test_set. Accuracy below
     ``evaluation.min_accuracy`` is refused here too, whatever ran the release.
 
     The bundle also keeps a sample of the training features (``reference.csv``), the
@@ -262,24 +265,25 @@ def release(
         raise ReleaseError(f"{gate.message}: nothing was published")
     check_evaluated_frames(train, test, evaluated)
     files = read_evaluated_artifacts(params.artifacts_dir, evaluated)
-    files["metrics.json"] = json_text(dict(metrics)).encode("utf-8")
+    files[METRICS_FILE] = json_text(dict(metrics)).encode("utf-8")
     # The params the evaluated model was trained with (recorded in its metrics), not today's file.
     trained_with = metrics.get("params")
     params_text = yaml.safe_dump(trained_with, sort_keys=False) if trained_with else params_to_yaml(params)
-    files["params.yaml"] = params_text.encode("utf-8")
+    files[PARAMS_FILE] = params_text.encode("utf-8")
     reference = reference_sample(train, params.validation.drift_reference_rows, params.data.random_state)
     files[REFERENCE_FILE] = reference.to_csv(index=False, lineterminator="\n").encode("utf-8")
-    registry = ModelRegistry(params.registry_dir)
+    registry = ModelRegistry.from_params(params)
     fields = {**manifest_fields(metrics, params, run_id), **(manifest_extra or {})}
     reproduces = reproduces_accuracy(test, float(metrics["accuracy"]))
     if not set_production:
         return registry.publish(files, fields, check=reproduces, set_production=False)
     # Judged on the exact bytes that will be published (the files were checked against the evaluation).
-    import joblib
-
-    verdict = challenge(
-        joblib.load(io.BytesIO(files[MODEL_FILE])), joblib.load(io.BytesIO(files[SCALER_FILE])), registry, params, test
-    )
+    try:
+        model = model_format.loads(files[MODEL_FILE], "model", str(params.artifacts_dir / MODEL_FILE))
+        scaler = model_format.loads(files[SCALER_FILE], "scaler", str(params.artifacts_dir / SCALER_FILE))
+    except model_format.ModelFormatError as exc:
+        raise ReleaseError(f"{exc}: nothing was published") from None
+    verdict = challenge(model, scaler, registry, params, test)
     if not verdict.passed:
         raise ReleaseError(
             f"{verdict.message}. Nothing was published; production is still v{verdict.production_version}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from wine_assets.registry import ModelRegistry, RegistryError
+from wine_assets.registry import METRICS_FILE, PARAMS_FILE, ModelRegistry, RegistryError
 
 PRODUCTION = "production"
 PLOTS = (("Confusion matrix", "plots/confusion_matrix.png"), ("Feature importance", "plots/feature_importance.png"))
@@ -50,16 +50,17 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_baseline(spec: str, registry_dir: Path) -> Baseline | None:
+def load_baseline(spec: str, registry: ModelRegistry | Path) -> Baseline | None:
     """``production`` (the registry's production model, None when nothing is released) or a metrics.json path."""
     if spec == PRODUCTION:
-        registry = ModelRegistry(registry_dir)
+        if not isinstance(registry, ModelRegistry):
+            registry = ModelRegistry(registry)
         version = registry.production_version()
         if version is None:
             return None
         try:
-            metrics = json.loads(registry.read_file(version, "metrics.json"))
-            params = yaml.safe_load(registry.read_file(version, "params.yaml"))
+            metrics = json.loads(registry.read_file(version, METRICS_FILE))
+            params = yaml.safe_load(registry.read_file(version, PARAMS_FILE))
         except RegistryError as exc:
             raise ReportError(f"the production model v{version} cannot serve as baseline: {exc}") from exc
         return Baseline(f"production v{version}", metrics, params)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from wine_assets import services
+from wine_assets import services, signing
 from wine_assets.ingestion import load_builtin_frame
 
 from .serving_support import Versions, train_versions, wine_features
@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for tier, what in TIERS.items():
         config.addinivalue_line("markers", f"{tier}: {what}")
     _own_the_services_folder(config)
+    _own_the_signing_key(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -109,6 +110,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     """No test reads the repository's params.yaml or a developer's DAGSTER_HOME by accident."""
     monkeypatch.delenv("WINE_ASSETS_PARAMS", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv(signing.SIGNING_KEY_ENV, raising=False)
+    monkeypatch.delenv(signing.TRUSTED_KEYS_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -220,6 +223,7 @@ def cli_materialized(cli_materialized_once: Materialized, tmp_path: Path) -> Mat
 # -- real servers for the scale-out tests (wine_assets.services, the code behind `make services`) --
 SERVICES_DIR_ENV = "WINE_ASSETS_TEST_SERVICES_DIR"
 _SERVICES_OWNER = pytest.StashKey[str]()
+_KEY_OWNER = pytest.StashKey[str]()
 
 
 def _own_the_services_folder(config: pytest.Config) -> None:
@@ -232,7 +236,22 @@ def _own_the_services_folder(config: pytest.Config) -> None:
         config.stash[_SERVICES_OWNER] = root
 
 
+def _own_the_signing_key(config: pytest.Config) -> None:
+    """One Ed25519 signing key for the whole run, made by the controlling process: every worker,
+    CLI and server the tests start signs and trusts with it (never the developer's own key)."""
+    if not hasattr(config, "workerinput") and signing.SIGNING_KEY_FILE_ENV not in os.environ:
+        root = tempfile.mkdtemp(prefix="wine-assets-key-")
+        key_file = Path(root) / "signing-key.pem"
+        signing.write_private_key(key_file, signing.new_private_key_pem())
+        os.environ[signing.SIGNING_KEY_FILE_ENV] = str(key_file)
+        config.stash[_KEY_OWNER] = root
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    key_root = config.stash.get(_KEY_OWNER, None)
+    if key_root:
+        shutil.rmtree(key_root, ignore_errors=True)
+        os.environ.pop(signing.SIGNING_KEY_FILE_ENV, None)
     root = config.stash.get(_SERVICES_OWNER, None)
     if root:
         services.purge(Path(root) / "state", Path(root) / "services.env")

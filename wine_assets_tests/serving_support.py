@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
+from wine_assets import model_format
 from wine_assets.features import fit_scaler, split_frame
-from wine_assets.files import joblib_bytes
 from wine_assets.ingestion import load_builtin_frame
 from wine_assets.params import ModelParams
 from wine_assets.predict import clear_cache, predict
@@ -52,8 +52,8 @@ def train_versions(wines: pd.DataFrame) -> Versions:
     for number, model_params in ((1, ModelParams()), (2, ModelParams(n_estimators=3, max_depth=2, random_state=7))):
         model = train_model(train, scaler, model_params).model
         files[number] = {
-            "model.joblib": joblib_bytes(model),
-            "scaler.joblib": joblib_bytes(scaler),
+            "model.skops": model_format.dumps(model),
+            "scaler.skops": model_format.dumps(scaler),
             REFERENCE_FILE: train.drop(columns="target").to_csv(index=False).encode(),
         }
     return Versions(files, {"class_values": [0, 1, 2], "class_labels": ["class_0", "class_1", "class_2"]})

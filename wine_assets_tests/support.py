@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wine_assets import services
+from wine_assets import model_format, services, signing
+from wine_assets.registry import MODEL_FILE, SCALER_FILE
 from wine_assets.services import free_port  # noqa: F401 (one home for free ports, re-exported for the tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,26 @@ def tree_snapshot(root: Path) -> dict[str, str]:
         for path in sorted(root.rglob("*"))
         if path.is_file()
     }
+
+
+def tiny_model_files(tag: str) -> dict[str, bytes]:
+    """A model and a scaler that load as real estimators (a one-split tree, a scaler on one
+    feature), different for every tag: for registry tests that never score them."""
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.tree import DecisionTreeClassifier
+
+    value = float(sum(map(ord, tag)))
+    model = DecisionTreeClassifier(max_depth=1, random_state=0).fit([[0.0], [value]], [0, 1])
+    scaler = StandardScaler().fit([[0.0], [value]])
+    return {MODEL_FILE: model_format.dumps(model), SCALER_FILE: model_format.dumps(scaler)}
+
+
+def resign(folder: Path) -> None:
+    """Sign a bundle folder's manifest as it now is, with the run's signing key: what a publisher
+    holding the key would do (for tests of what the signature alone does not catch)."""
+    key = signing.signing_key()
+    assert key is not None
+    (folder / signing.SIGNATURE_FILE).write_bytes(signing.sign((folder / "manifest.json").read_bytes(), key))
 
 
 def shuffled_labels(frame: pd.DataFrame) -> pd.DataFrame:

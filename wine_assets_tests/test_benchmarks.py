@@ -289,7 +289,7 @@ def test_the_bare_script_does_the_pipelines_work_and_releases_a_model_that_secti
     accuracy = bare_pipeline.main(str(workspace.params_file))
     assert 0.8 <= accuracy <= 1.0
     artifacts = workspace.root / "artifacts"
-    for name in ("model.joblib", "scaler.joblib", "plots/confusion_matrix.png", "plots/feature_importance.png"):
+    for name in ("model.skops", "scaler.skops", "plots/confusion_matrix.png", "plots/feature_importance.png"):
         assert (artifacts / name).is_file(), name
     assert json.loads((artifacts / "metrics.json").read_text())["accuracy"] == accuracy
     registry = workspace.root / "registry"
@@ -331,7 +331,7 @@ def test_the_in_process_run_reports_every_step_that_the_scale_table_names(tmp_pa
     assert json.loads(json.dumps(report)) == report  # what the script prints, read back by last_json
     cells = bench.scale_cells(report, lambda start, end: 200 * 2**20)
     assert all(cell.endswith(", 200 MiB") for cell in cells.values()), cells
-    assert (workspace.root / "artifacts" / "model.joblib").is_file()
+    assert (workspace.root / "artifacts" / "model.skops").is_file()
 
 
 # -- 2. prediction ------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_a_scale_column_times_each_step_and_marks_those_that_did_not_end():
 @pytest.mark.unit
 def test_a_scale_note_gives_time_memory_and_model_size():
     assert bench.scale_note(1000, 4.5, 512 * 2**20, 3 * 2**19) == (
-        "1,000 rows: whole process 4.50 s, peak memory 512 MiB, model.joblib 1.5 MiB."
+        "1,000 rows: whole process 4.50 s, peak memory 512 MiB, model.skops 1.5 MiB."
     )
     assert bench.scale_note(1000, 4.5, 512 * 2**20, None) == "1,000 rows: whole process 4.50 s."
 

@@ -15,7 +15,6 @@ import yaml
 
 import wine_assets
 from wine_assets.definitions import defs
-from wine_assets.files import joblib_bytes
 from wine_assets.predict import clear_cache, predict
 from wine_assets.registry import ModelRegistry
 
@@ -27,6 +26,7 @@ from .support import (
     make_dagster_home,
     run_program,
     shuffled_labels,
+    tiny_model_files,
     tree_snapshot,
 )
 
@@ -39,7 +39,8 @@ def env(dagster_home, write_params):
 def publish(registry: ModelRegistry, *tags: str) -> None:
     for tag in tags:
         registry.publish(
-            {"model.joblib": joblib_bytes(tag), "scaler.joblib": joblib_bytes(tag)}, {"metrics": {"accuracy": 0.9}}
+            tiny_model_files(tag),
+            {"metrics": {"accuracy": 0.9}},
         )
 
 
@@ -176,8 +177,8 @@ def test_materialize_everything_then_run_each_wine_assets_subcommand(cli_materia
     assert "Executing steps in process" in cli_materialized.completed.stderr
     artifacts = tmp_path / "artifacts"
     for name in (
-        "model.joblib",
-        "scaler.joblib",
+        "model.skops",
+        "scaler.skops",
         "metrics.json",
         "plots/confusion_matrix.png",
         "plots/feature_importance.png",
@@ -282,11 +283,11 @@ def test_rollback_moves_production_and_refuses_a_tampered_version(env, tmp_path,
     same = wine_assets_cli("registry", "rollback", "2", env=env, cwd=tmp_path)
     assert same.returncode == 0 and same.stdout.strip() == "production is already v2"
 
-    (registry.version_dir(1) / "scaler.joblib").write_bytes(b"changed")
+    (registry.version_dir(1) / "scaler.skops").write_bytes(b"changed")
     before = tree_snapshot(registry.root)
     refused = wine_assets_cli("registry", "rollback", "1", env=env, cwd=tmp_path)
     assert refused.returncode == 1
-    assert "scaler.joblib does not match its sha256" in refused.stderr
+    assert "scaler.skops does not match its sha256" in refused.stderr
     assert tree_snapshot(registry.root) == before
     shown = wine_assets_cli("registry", "show", "1", env=env, cwd=tmp_path)
     assert shown.returncode == 1 and "refusing to load" in shown.stderr
@@ -306,7 +307,7 @@ def test_registry_show_prints_the_manifest_with_verified_files(env, tmp_path, wi
     assert text.returncode == 0, text.stderr
     assert text.stdout.startswith("wine-classifier v2  (production)\n")
     assert "files (sha256 verified)" in text.stdout
-    assert registry.manifest(2)["files"]["model.joblib"]["sha256"] in text.stdout
+    assert registry.manifest(2)["files"]["model.skops"]["sha256"] in text.stdout
     older = wine_assets_cli("registry", "show", "1", env=env, cwd=tmp_path)
     assert older.stdout.startswith("wine-classifier v1\n")
     as_json = wine_assets_cli("registry", "show", "--json", env=env, cwd=tmp_path)

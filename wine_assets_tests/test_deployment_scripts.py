@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from wine_assets.files import joblib_bytes
 from wine_assets.registry import ModelRegistry
 
-from .support import REPO_ROOT, require_programs
+from .support import REPO_ROOT, require_programs, tiny_model_files
 
 pytestmark = pytest.mark.integration
 SCRIPTS = REPO_ROOT / ".github" / "scripts"
@@ -168,7 +167,7 @@ class GitHub:
             if number > 1:
                 source.reserve(number - 1)
             published = source.publish(
-                {"model.joblib": joblib_bytes(f"model {number}"), "scaler.joblib": joblib_bytes(f"scaler {number}")},
+                tiny_model_files(f"model {number}"),
                 {"metrics": {"accuracy": 0.95}, "git_commit": commit},
             )
             assert published.version == number
@@ -279,7 +278,7 @@ def test_publish_creates_the_tag_with_the_release_at_the_deployed_commit(github)
     head = github.commit("second")
     assert github.run("restore-production.sh", head).returncode == 0
     github.registry.publish(  # what `make release` does, with the model that run evaluated
-        {"model.joblib": joblib_bytes("new model"), "scaler.joblib": joblib_bytes("new scaler")},
+        tiny_model_files("new model"),
         {"metrics": {"accuracy": 0.97}, "git_commit": head},
     )
     assert github.registry.production_version() == 3
@@ -300,9 +299,7 @@ def test_publish_creates_the_tag_with_the_release_at_the_deployed_commit(github)
 def test_publish_refuses_a_taken_tag_and_a_release_with_other_bytes(github):
     first = github.commit("first")
     head = github.commit("second")
-    github.registry.publish(
-        {"model.joblib": joblib_bytes("m"), "scaler.joblib": joblib_bytes("s")}, {"git_commit": head}
-    )
+    github.registry.publish(tiny_model_files("m"), {"git_commit": head})
     github.git("tag", "model-v1", first)  # appeared after the numbering was decided
     refused = github.run("publish-release.sh", head)
     assert refused.returncode == 1

@@ -298,7 +298,7 @@ def test_a_better_family_is_released_as_candidate_then_production(grid, wine_ass
     assert manifest["variant"]["decision"]["p_value"] == pytest.approx(summary["p_value"])
     assert type(registry.load(1).model).__name__ == "LogisticRegression"
     # the released bytes are the ones the partition wrote and the decision judged
-    assert manifest["files"]["model.joblib"]["sha256"] == summary["files"]["logistic"]["model.joblib"]
+    assert manifest["files"]["model.skops"]["sha256"] == summary["files"]["logistic"]["model.skops"]
     # and the ordinary predict path scores with it
     out = grid.root / "out.csv"
     predicted = wine_assets_cli("predict", grid.root / "linear.csv", "--output", out, env=grid.env, cwd=grid.root)
@@ -466,13 +466,13 @@ def test_release_refuses_a_kept_champion_and_a_decision_that_is_out_of_date(tmp_
     }
     folder = tmp_path / "artifacts/experiments/wine/other"
     folder.mkdir(parents=True)
-    (folder / "model.joblib").write_bytes(b"written after the decision")
+    (folder / "model.skops").write_bytes(b"written after the decision")
     won = {
         "dataset": "wine",
         "champion": "production",
         "winner": "other",
         "variants": declared,
-        "files": {"other": {"model.joblib": "0" * 64, "scaler.joblib": "0" * 64}},
+        "files": {"other": {"model.skops": "0" * 64, "scaler.skops": "0" * 64}},
         "train_digest": "",
         "test_digest": "",
     }

@@ -105,8 +105,8 @@ def test_the_whole_graph_materializes_with_every_check(good_run):
     bundle = registry.load()
     assert bundle.version == 1
     # The released model is the very file training wrote, not a re-serialization of it.
-    assert bundle.manifest["files"]["model.joblib"]["sha256"] == sha256_file(artifacts / "model.joblib")
-    assert bundle.manifest["files"]["scaler.joblib"]["sha256"] == sha256_file(artifacts / "scaler.joblib")
+    assert bundle.manifest["files"]["model.skops"]["sha256"] == sha256_file(artifacts / "model.skops")
+    assert bundle.manifest["files"]["scaler.skops"]["sha256"] == sha256_file(artifacts / "scaler.skops")
     assert bundle.manifest["data_fingerprint"] == metrics["data"]["fingerprint"]
     assert bundle.manifest["metrics"]["accuracy"] == metrics["accuracy"]
     assert bundle.manifest["dagster_run_id"] == result.run_id
@@ -212,7 +212,7 @@ def test_bad_data_fails_its_check_and_blocks_everything_after_it(
     assert any(record.data["column"] == column and record.data["row"] == row for record in failures)
     # Blocking: validated_wine and everything downstream were skipped in this very run.
     assert materialized(result) == {"raw_wine"}
-    assert not (tmp_path / "artifacts" / "model.joblib").exists()
+    assert not (tmp_path / "artifacts" / "model.skops").exists()
     assert tree_snapshot(registry_copy) == registry_before
 
 
@@ -299,7 +299,7 @@ def test_training_job_then_release_job_publishes_the_trained_files(instance, wri
     assert materialized(release) == {"model_deployment"}
     assert checks(release)["accuracy_threshold"].passed
     manifest = ModelRegistry(tmp_path / "registry").verify()
-    assert manifest["files"]["model.joblib"]["sha256"] == sha256_file(tmp_path / "artifacts" / "model.joblib")
+    assert manifest["files"]["model.skops"]["sha256"] == sha256_file(tmp_path / "artifacts" / "model.skops")
 
     again = run_job("release_job", instance, params_file, monkeypatch)
     assert again.success
@@ -312,7 +312,7 @@ def test_training_job_then_release_job_publishes_the_trained_files(instance, wri
 def test_release_refuses_an_artifact_rewritten_after_evaluation(instance, write_params, tmp_path, monkeypatch):
     params_file = write_params()
     assert run_job("training_job", instance, params_file, monkeypatch).success
-    model_file = tmp_path / "artifacts" / "model.joblib"
+    model_file = tmp_path / "artifacts" / "model.skops"
     model_file.write_bytes(model_file.read_bytes() + b"\0")
     release = run_job("release_job", instance, params_file, monkeypatch)
     assert not release.success
@@ -478,7 +478,7 @@ def test_a_run_reads_the_params_file_it_was_launched_with_or_fails_naming_it(ins
     )
     model = result.output_for_node("wine_model")
     assert model.n_estimators == 7
-    assert (tmp_path / "artifacts" / "model.joblib").is_file()
+    assert (tmp_path / "artifacts" / "model.skops").is_file()
 
     launched.unlink()
     result = dg.materialize(
@@ -517,7 +517,7 @@ def test_a_run_launched_without_a_params_file_says_so_and_keeps_its_folder(insta
         tags=tags,
     )
     assert result.success
-    assert (launch_dir / "artifacts" / "scaler.joblib").is_file()
+    assert (launch_dir / "artifacts" / "scaler.skops").is_file()
     assert not (elsewhere / "artifacts").exists()
     messages = [record.user_message for record in instance.all_logs(result.run_id)]
     assert any("no params file existed when this run was launched" in message for message in messages)

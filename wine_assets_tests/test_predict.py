@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wine_assets import model_format
 from wine_assets import predict as predict_module
 from wine_assets.definitions import ASSET_CHECKS, ASSETS
 from wine_assets.features import fit_scaler
-from wine_assets.files import joblib_bytes
 from wine_assets.params import ModelParams
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.predict import PredictionInputError, load_bundle, predict, prepare_features, read_input
@@ -136,7 +136,7 @@ def test_a_tampered_model_is_never_unpickled(released, registry_dir, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (registry_dir / "wine-classifier" / "v1" / "model.joblib").write_bytes(pickle.dumps(Payload()))
+    (registry_dir / "wine-classifier" / "v1" / "model.skops").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(ChecksumError):
         predict(features(released), registry_dir=registry_dir)
     assert not marker.exists()
@@ -153,7 +153,7 @@ def test_the_bundle_is_loaded_once_and_a_rollback_is_picked_up(released, registr
     registry = ModelRegistry(registry_dir)
     manifest = registry.manifest(1)
     registry.publish(
-        {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)},
+        {"model.skops": model_format.dumps(model), "scaler.skops": model_format.dumps(scaler)},
         {"class_values": manifest["class_values"], "class_labels": manifest["class_labels"]},
     )
     assert load_bundle(registry_dir=registry_dir).version == 2
@@ -273,7 +273,7 @@ def test_cli_without_a_release_or_with_a_tampered_one_exits_1(released, registry
     features(released).to_csv(csv, index=False)
     empty = wine_assets_cli("predict", str(csv), "--registry", str(tmp_path / "nothing"), cwd=tmp_path)
     assert empty.returncode == 1 and "run the release job" in empty.stderr
-    (registry_dir / "wine-classifier" / "v1" / "scaler.joblib").write_bytes(b"not the scaler")
+    (registry_dir / "wine-classifier" / "v1" / "scaler.skops").write_bytes(b"not the scaler")
     before = tree_snapshot(registry_dir)
     tampered = wine_assets_cli("predict", str(csv), "--registry", str(registry_dir), cwd=tmp_path)
     assert tampered.returncode == 1 and "does not match its sha256" in tampered.stderr

@@ -11,27 +11,32 @@ import textwrap
 
 import pytest
 
-from wine_assets.files import joblib_bytes
 from wine_assets.registry import (
     ChecksumError,
     InvalidVersion,
     ModelRegistry,
     NoProductionModel,
     RegistryError,
+    UntrustedBundle,
     VersionNotFound,
     extract_bundle,
     parse_version,
 )
 
-from .support import tree_snapshot
+from .support import tiny_model_files, tree_snapshot
 
 
 def bundle(tag: str) -> dict[str, bytes]:
-    return {
-        "model.joblib": joblib_bytes({"model": tag}),
-        "scaler.joblib": joblib_bytes({"scaler": tag}),
-        "metrics.json": json.dumps({"accuracy": 0.9}).encode(),
-    }
+    return {**tiny_model_files(tag), "metrics.json": json.dumps({"accuracy": 0.9}).encode()}
+
+
+def tag_of(loaded) -> float:
+    """What tiny_model_files made of a tag: its scaler's mean is half the tag's code points."""
+    return float(loaded.scaler.mean_[0])
+
+
+def mean_of(tag: str) -> float:
+    return sum(map(ord, tag)) / 2
 
 
 FIELDS = {"metrics": {"accuracy": 0.9}, "data_fingerprint": "f" * 64}
@@ -50,9 +55,9 @@ def test_publish_writes_a_checksummed_version_and_moves_production(registry):
     manifest = json.loads((registry.version_dir(1) / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["tag"] == "model-v1"
     assert manifest["data_fingerprint"] == "f" * 64
-    assert set(manifest["files"]) == {"model.joblib", "scaler.joblib", "metrics.json"}
+    assert set(manifest["files"]) == {"model.skops", "scaler.skops", "metrics.json"}
     loaded = registry.load()
-    assert loaded.version == 1 and loaded.model == {"model": "a"} and loaded.scaler == {"scaler": "a"}
+    assert loaded.version == 1 and loaded.scaler.mean_[0] == ord("a") / 2 and loaded.model.predict([[ord("a")]]) == [1]
     assert list(registry.staging_dir.iterdir()) == []
 
 
@@ -63,7 +68,7 @@ def test_versions_count_up_and_production_follows(registry):
     assert (second.version, second.previous_production) == (2, 1)
     assert registry.versions() == [1, 2]
     assert registry.production_version() == 2
-    assert registry.load(1).model == {"model": "a"}
+    assert tag_of(registry.load(1)) == mean_of("a")
 
 
 @pytest.mark.unit
@@ -83,12 +88,12 @@ def test_a_failing_check_discards_the_bundle_and_leaves_the_registry_as_it_was(r
     seen = []
 
     def refuse(loaded):
-        seen.append(loaded.model)
+        seen.append(tag_of(loaded))
         raise RuntimeError("scores differ")
 
     with pytest.raises(RuntimeError, match="scores differ"):
         registry.publish(bundle("b"), FIELDS, check=refuse)
-    assert seen == [{"model": "b"}]  # the check saw the bundle as loaded back from disk
+    assert seen == [mean_of("b")]  # the check saw the bundle as loaded back from disk
     assert tree_snapshot(registry.root) == before
     assert registry.versions() == [1] and registry.production_version() == 1
 
@@ -103,9 +108,9 @@ def test_tampered_file_is_refused_before_it_is_unpickled(registry, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (registry.version_dir(1) / "model.joblib").write_bytes(pickle.dumps(Payload()))
+    (registry.version_dir(1) / "model.skops").write_bytes(pickle.dumps(Payload()))
     before = tree_snapshot(registry.root)
-    with pytest.raises(ChecksumError, match=r"model\.joblib does not match its sha256"):
+    with pytest.raises(ChecksumError, match=r"model\.skops does not match its sha256"):
         registry.load(1)
     with pytest.raises(ChecksumError):
         registry.set_production(1)
@@ -171,13 +176,12 @@ def test_concurrent_releases_never_share_a_version(registry):
 
 CRASH_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
-    from wine_assets.files import joblib_bytes
+    import json, os, pathlib, sys
     from wine_assets.registry import ModelRegistry
 
-    root, where = sys.argv[1], sys.argv[2]
+    root, where, made = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
     registry = ModelRegistry(root)
-    files = {"model.joblib": joblib_bytes({"model": "b"}), "scaler.joblib": joblib_bytes({"scaler": "b"})}
+    files = {path.name: path.read_bytes() for path in made.iterdir()}
 
     def die(*args, **kwargs):
         os._exit(137)
@@ -192,7 +196,12 @@ CRASH_SCRIPT = textwrap.dedent(
 
 
 def _crash(registry, where):
-    completed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(registry.root), where], timeout=120)
+    made = registry.root.parent / "made"
+    made.mkdir()
+    for name, content in tiny_model_files("b").items():
+        (made / name).write_bytes(content)
+    command = [sys.executable, "-c", CRASH_SCRIPT, str(registry.root), where, str(made)]
+    completed = subprocess.run(command, timeout=120)
     assert completed.returncode == 137
 
 
@@ -214,12 +223,10 @@ def test_crash_before_the_alias_moves_keeps_the_previous_production(registry):
     registry.publish(bundle("a"), FIELDS)
     _crash(registry, "before_alias")
     assert registry.production_version() == 1
-    assert registry.load().model == {"model": "a"}
+    assert tag_of(registry.load()) == mean_of("a")
     assert registry.versions() == [1, 2]
     registry.verify(2)  # whole and checksummed, just not production
-    retry = registry.publish(
-        {"model.joblib": joblib_bytes({"model": "b"}), "scaler.joblib": joblib_bytes({"scaler": "b"})}, {}
-    )
+    retry = registry.publish(tiny_model_files("b"), {})
     assert (retry.version, retry.created, registry.production_version()) == (2, False, 2)
 
 
@@ -245,7 +252,7 @@ def test_a_damaged_manifest_is_a_checksum_error(registry):
     (registry.version_dir(1) / "manifest.json").write_text("{not json")
     with pytest.raises(ChecksumError, match="is not valid JSON"):
         registry.manifest(1)
-    with pytest.raises(ChecksumError):
+    with pytest.raises(UntrustedBundle, match="does not match manifest.json"):
         registry.load(1)
 
 
@@ -255,7 +262,7 @@ def test_files_get_the_usual_permissions(registry):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(registry.version_dir(1).stat().st_mode) == 0o777 & ~umask
-    assert stat.S_IMODE((registry.version_dir(1) / "model.joblib").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((registry.version_dir(1) / "model.skops").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(registry.alias_path.stat().st_mode) == 0o666 & ~umask
 
 
@@ -272,11 +279,11 @@ def test_export_and_import_carry_a_version_between_registries(registry, tmp_path
     folder = extract_bundle(archive, tmp_path / "unpacked")
     assert other.import_dir(folder, set_production=True) == (2, True)
     assert other.versions() == [2] and other.production_version() == 2
-    assert other.load().model == {"model": "b"}
+    assert tag_of(other.load()) == mean_of("b")
     assert other.import_dir(folder) == (2, False)
     assert other.publish(bundle("c"), FIELDS).version == 3  # numbering continues after the import
 
-    (folder / "scaler.joblib").write_bytes(b"changed")
+    (folder / "scaler.skops").write_bytes(b"changed")
     with pytest.raises(ChecksumError):
         ModelRegistry(tmp_path / "third").import_dir(folder)
     assert not (tmp_path / "third" / "wine-classifier").exists()

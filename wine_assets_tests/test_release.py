@@ -6,9 +6,10 @@ import subprocess
 import pandas as pd
 import pytest
 
+from wine_assets import model_format
 from wine_assets.evaluation import evaluate
 from wine_assets.features import fit_scaler, frame_digest, split_frame
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
+from wine_assets.files import sha256_bytes, write_bytes_atomic
 from wine_assets.params import EvaluationParams, load_params
 from wine_assets.registry import ModelRegistry
 from wine_assets.release import ReleaseError, manifest_fields, read_evaluated_artifacts, release
@@ -27,7 +28,7 @@ def trained(write_params, wine_frame):
     train, test = split_frame(frame, 0.2, 42)
     scaler = fit_scaler(train)
     model = train_model(train, scaler, params.model).model
-    files = {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)}
+    files = {"model.skops": model_format.dumps(model), "scaler.skops": model_format.dumps(scaler)}
     for name, content in files.items():
         write_bytes_atomic(params.artifacts_dir / name, content)
     evaluated = {name: sha256_bytes(content) for name, content in files.items()}
@@ -41,7 +42,7 @@ def test_release_publishes_the_evaluated_files(trained):
     result = release(evaluated, metrics, train, test, params, run_id="run-1")
     assert result.created and result.version == 1 and result.production == 1
     manifest = result.manifest
-    for name in ("model.joblib", "scaler.joblib"):
+    for name in ("model.skops", "scaler.skops"):
         assert manifest["files"][name]["sha256"] == evaluated[name]
     assert manifest["dagster_run_id"] == "run-1"
     assert manifest["data_fingerprint"] == "f" * 64
@@ -59,7 +60,9 @@ def test_a_bundle_that_scores_differently_is_discarded(trained):
     params, metrics, train, test, evaluated = trained
     registry = ModelRegistry(params.registry_dir)
     earlier = train_model(train, fit_scaler(train), params.model.model_copy(update={"n_estimators": 3})).model
-    registry.publish({"model.joblib": joblib_bytes(earlier), "scaler.joblib": joblib_bytes(fit_scaler(train))}, {})
+    registry.publish(
+        {"model.skops": model_format.dumps(earlier), "scaler.skops": model_format.dumps(fit_scaler(train))}, {}
+    )
     before = tree_snapshot(params.registry_dir)
     # judged against production first (any verdict passes here), then the loaded-back bundle is re-scored
     lenient = dataclasses.replace(
@@ -94,12 +97,12 @@ def test_train_and_test_rows_must_be_the_evaluated_ones(trained, wine_frame):
 @pytest.mark.unit
 def test_artifacts_must_be_the_evaluated_ones(trained):
     params, _, _, _, evaluated = trained
-    with pytest.raises(ReleaseError, match="no record of which model.joblib"):
-        read_evaluated_artifacts(params.artifacts_dir, {"model.joblib": None, "scaler.joblib": "x"})
-    with pytest.raises(ReleaseError, match=r"scaler\.joblib \(sha256 .*\) is not the file evaluation_metrics scored"):
-        read_evaluated_artifacts(params.artifacts_dir, dict(evaluated, **{"scaler.joblib": "0" * 64}))
-    (params.artifacts_dir / "model.joblib").unlink()
-    with pytest.raises(ReleaseError, match=r"model\.joblib is missing: run training_job"):
+    with pytest.raises(ReleaseError, match="no record of which model.skops"):
+        read_evaluated_artifacts(params.artifacts_dir, {"model.skops": None, "scaler.skops": "x"})
+    with pytest.raises(ReleaseError, match=r"scaler\.skops \(sha256 .*\) is not the file evaluation_metrics scored"):
+        read_evaluated_artifacts(params.artifacts_dir, dict(evaluated, **{"scaler.skops": "0" * 64}))
+    (params.artifacts_dir / "model.skops").unlink()
+    with pytest.raises(ReleaseError, match=r"model\.skops is missing: run training_job"):
         read_evaluated_artifacts(params.artifacts_dir, evaluated)
     assert not params.registry_dir.exists()
 

@@ -12,9 +12,9 @@ import yaml
 from sklearn.linear_model import LogisticRegression
 
 from benchmarks.synthetic import linear_frame
+from wine_assets import model_format
 from wine_assets.definitions import ASSET_CHECKS, ASSETS
 from wine_assets.features import features_of, fit_scaler, split_frame
-from wine_assets.files import joblib_bytes
 from wine_assets.ingestion import load_builtin_frame
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
@@ -185,7 +185,7 @@ def test_rollback_is_the_recorded_override_and_import_is_judged(tmp_path, write_
     stump = build_estimator("decision_tree", {"max_depth": 1, "random_state": 0})
     stump.fit(scaler.transform(features_of(train)), train["target"])
     registry.publish(
-        {"model.joblib": joblib_bytes(stump), "scaler.joblib": joblib_bytes(scaler)}, {}, set_production=False
+        {"model.skops": model_format.dumps(stump), "scaler.skops": model_format.dumps(scaler)}, {}, set_production=False
     )
     env = {"WINE_ASSETS_PARAMS": str(params_file)}
 

@@ -8,14 +8,13 @@ import dagster as dg
 import pytest
 
 from wine_assets.definitions import ASSET_CHECKS, ASSETS, defs
-from wine_assets.files import joblib_bytes
 from wine_assets.params import Params
 from wine_assets.pipeline.history import latest_check_results
 from wine_assets.pipeline.resources import WineParamsResource
 from wine_assets.registry import ModelRegistry
 from wine_assets.report import ABSENT, Baseline, CheckRow, ReportError, load_baseline, params_diff, plot_links, render
 
-from .support import cli_env, make_dagster_home
+from .support import cli_env, make_dagster_home, tiny_model_files
 
 METRICS = {
     "accuracy": 0.9444,
@@ -122,8 +121,7 @@ def test_production_baseline_reads_the_released_metrics_and_params(tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
     registry.publish(
         {
-            "model.joblib": joblib_bytes("m"),
-            "scaler.joblib": joblib_bytes("s"),
+            **tiny_model_files("m"),
             "metrics.json": json.dumps({**METRICS, "accuracy": 0.9}).encode(),
             "params.yaml": b"model: {n_estimators: 50}\n",
         },

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import joblib
 import numpy as np
 import pytest
 import yaml
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets import services, training
+from wine_assets import model_format, services, training
 from wine_assets.features import features_of
-from wine_assets.files import joblib_bytes, sha256_file
+from wine_assets.files import sha256_file
 from wine_assets.params import ModelParams
 from wine_assets.registry import ModelRegistry
 from wine_assets.validation import FEATURE_COLUMNS
@@ -320,8 +319,8 @@ def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_proces
     in_process = json.loads((cli_materialized_once.root / "artifacts" / "metrics.json").read_text())
     for key in ("accuracy", "f1_macro", "per_class", "confusion_matrix"):
         assert metrics[key] == in_process[key]
-    assert sha256_file(project / "artifacts" / "model.joblib") == sha256_file(
-        cli_materialized_once.root / "artifacts" / "model.joblib"
+    assert sha256_file(project / "artifacts" / "model.skops") == sha256_file(
+        cli_materialized_once.root / "artifacts" / "model.skops"
     )
 
     # release_job on the workers publishes exactly the evaluated bytes.
@@ -330,7 +329,7 @@ def test_celery_steps_run_on_the_worker_with_the_runs_params_and_match_in_proces
     registry = ModelRegistry(project / "registry")
     manifest = registry.verify()
     assert manifest["version"] == 1
-    assert sha256_file(registry.version_dir(1) / "model.joblib") == sha256_file(project / "artifacts" / "model.joblib")
+    assert sha256_file(registry.version_dir(1) / "model.skops") == sha256_file(project / "artifacts" / "model.skops")
 
 
 @pytest.mark.integration
@@ -433,7 +432,7 @@ def test_a_worker_killed_mid_step_fails_the_run_and_leaves_no_half_written_file(
     assert "During celery execution errors occurred in workers" in text, text[-3000:]
     assert "[wine_model]: billiard.exceptions.WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL)" in text
     artifacts = project / "artifacts"
-    assert not (artifacts / "model.joblib").exists()
+    assert not (artifacts / "model.skops").exists()
     assert not [path.name for path in artifacts.rglob("*") if ".tmp" in path.name]
     assert not (project / "registry").exists()
     deadline = time.monotonic() + 30
@@ -471,7 +470,7 @@ def test_the_cluster_fitted_forest_predicts_exactly_what_the_local_one_predicts(
     assert [tree.tree_.node_count for tree in cluster.model.estimators_] == [
         tree.tree_.node_count for tree in local.model.estimators_
     ]
-    assert joblib_bytes(cluster.model) != joblib_bytes(local.model)
+    assert model_format.dumps(cluster.model) != model_format.dumps(local.model)
 
 
 @pytest.mark.unit
@@ -500,7 +499,7 @@ def test_the_pipeline_trains_on_the_cluster_when_the_params_say_so(services_env,
         )
         materialization = result.asset_materializations_for_node("wine_model")[0]
     assert materialization.metadata["training_backend"].value.startswith(f"dask {address}")
-    model = joblib.load(tmp_path / "artifacts" / "model.joblib")
+    model = model_format.loads((tmp_path / "artifacts" / "model.skops").read_bytes(), "model", "model.skops")
     assert model.n_jobs == 1 and len(model.estimators_) == 100
 
 

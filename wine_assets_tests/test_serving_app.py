@@ -694,7 +694,7 @@ def test_a_rollback_is_followed_and_a_tampered_version_is_never_served(tmp_path,
         wait_for_version(app, "1")
         failures = metric_value(app.metrics(), "wine_serving_model_reloads_total", outcome="failure")
         # v2's model bytes change after release; the alias is then pointed at it by hand.
-        model_file = registry.version_dir(2) / "model.joblib"
+        model_file = registry.version_dir(2) / "model.skops"
         model_file.write_bytes(model_file.read_bytes()[:-1] + b"\x00")
         registry.alias_path.write_text("v2\n")
         wait_until(
@@ -709,7 +709,7 @@ def test_a_rollback_is_followed_and_a_tampered_version_is_never_served(tmp_path,
         assert app.client.get("/ping").headers["x-model-version"] == "1"
     assert answer.status_code == 200 and answer.json()["model_version"] == 1
     assert pinned.status_code == 503 and "does not match its sha256" in pinned.json()["message"]
-    assert "wine-classifier/v2: model.joblib does not match its sha256" in pinned.json()["message"]
+    assert "wine-classifier/v2: model.skops does not match its sha256" in pinned.json()["message"]
     assert str(app.registry) not in pinned.json()["message"]  # no path of the machine's
     assert any("does not match its sha256" in message for message in app.log), app.log
 

@@ -19,8 +19,8 @@ import pytest
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
+from wine_assets import model_format
 from wine_assets.features import fit_scaler, split_frame
-from wine_assets.files import joblib_bytes
 from wine_assets.ingestion import load_builtin_frame
 from wine_assets.params import ModelParams, ParamsError, ServingParams, params_from_mapping
 from wine_assets.predict import score
@@ -30,6 +30,8 @@ from wine_assets.serving.report import build_report, format_report, two_proporti
 from wine_assets.serving.state import ServingState, assign, route_fraction
 from wine_assets.training import train_model
 from wine_assets.validation import BOUNDS, FEATURE_COLUMNS
+
+from .support import resign
 
 MANIFEST = {"class_values": [0, 1, 2], "class_labels": ["class_0", "class_1", "class_2"]}
 
@@ -101,15 +103,16 @@ def test_a_version_that_passes_its_checksums_but_cannot_be_unpickled_is_not_serv
     scaler = fit_scaler(train)
     model = train_model(train, scaler, ModelParams(n_estimators=5)).model
     registry = ModelRegistry(tmp_path / "registry")
-    files = {"model.joblib": joblib_bytes(model), "scaler.joblib": joblib_bytes(scaler)}
+    files = {"model.skops": model_format.dumps(model), "scaler.skops": model_format.dumps(scaler)}
     registry.publish(files, MANIFEST)
-    registry.publish({**files, "model.joblib": joblib_bytes(ModelParams())}, MANIFEST, set_production=False)
-    broken = registry.version_dir(2) / "model.joblib"
+    registry.publish({**files, "model.skops": model_format.dumps(scaler)}, MANIFEST, set_production=False)
+    broken = registry.version_dir(2) / "model.skops"
     broken.write_bytes(b"\x80\x05not a pickle")
     manifest_path = registry.version_dir(2) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["model.joblib"]["sha256"] = hashlib.sha256(broken.read_bytes()).hexdigest()
+    manifest["files"]["model.skops"]["sha256"] = hashlib.sha256(broken.read_bytes()).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
+    resign(registry.version_dir(2))  # signed as it is: only loading it fails
     state = ServingState(registry.root, ServingParams(reload_interval_seconds=0.1), retry_seconds=60)
     failures = metrics.RELOADS.labels("production", "failure")
     state.poll_once()

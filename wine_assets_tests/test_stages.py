@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from wine_assets import model_format
 from wine_assets.evaluation import (
     HEADLINE_METRICS,
     compute_metrics,
@@ -15,7 +16,6 @@ from wine_assets.evaluation import (
     feature_importance_png,
 )
 from wine_assets.features import features_of, fit_scaler, split_frame
-from wine_assets.files import joblib_bytes
 from wine_assets.gates import Challenge, accuracy_gate, compare_on_rows, label_agreement, mcnemar_worse_p
 from wine_assets.params import ModelParams
 from wine_assets.training import build_model, feature_importances, train_model
@@ -111,7 +111,7 @@ def test_training_is_reproducible_to_the_byte(split):
     scaler = fit_scaler(train)
     first = train_model(train, scaler, ModelParams(n_estimators=10)).model
     second = train_model(train, scaler, ModelParams(n_estimators=10)).model
-    assert joblib_bytes(first) == joblib_bytes(second)
+    assert model_format.dumps(first) == model_format.dumps(second)
 
 
 @pytest.mark.unit

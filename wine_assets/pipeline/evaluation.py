@@ -168,7 +168,7 @@ def not_worse_than_production_result(
         )
 
     try:
-        verdict = challenge(model, scaler, ModelRegistry(params.registry_dir), params, test_set)
+        verdict = challenge(model, scaler, ModelRegistry.from_params(params), params, test_set)
     except ReleaseError as exc:
         return result(False, str(exc), {"verdict": "cannot judge"})
     return result(verdict.passed, verdict.message, challenge_metadata(verdict))

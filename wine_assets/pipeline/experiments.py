@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from wine_assets import model_format
 from wine_assets.experiments import (
     LEADERBOARD_COLUMNS,
     VariantScores,
@@ -26,7 +27,7 @@ from wine_assets.experiments import (
     score_variant,
     variants_of,
 )
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic, write_json_atomic
+from wine_assets.files import sha256_bytes, write_bytes_atomic, write_json_atomic
 from wine_assets.ingestion import IngestionError, class_counts, load_raw
 from wine_assets.params import Params, ParamsError
 from wine_assets.pipeline.executor import wine_assets_executor
@@ -148,7 +149,7 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
         group_name=GROUP,
         partitions_def=grid,
         ins={"validated_wine": dg.AssetIn(key=VALIDATED, partition_mapping=by_dataset)},
-        code_version="1",
+        code_version="2",  # 2: models stored as skops
         kinds={"scikitlearn"},
         description=(
             "One variant on one dataset: accuracy on every fold of the repeated stratified k-fold over the "
@@ -178,7 +179,7 @@ def build_experiment_assets(dataset_names: list[str], variant_names: list[str]) 
                 description=f"{values.origin}: experiments.variants.{variant_name} failed on {dataset!r}: {exc}"
             ) from exc
         result = fitted.scores
-        files = {MODEL_FILE: joblib_bytes(fitted.model), SCALER_FILE: joblib_bytes(fitted.scaler)}
+        files = {MODEL_FILE: model_format.dumps(fitted.model), SCALER_FILE: model_format.dumps(fitted.scaler)}
         # tracking first: a tracking failure must not leave this partition's earlier files replaced
         from wine_assets.tracking import TrackingError, log_variant
 

@@ -4,10 +4,12 @@ import dagster as dg
 import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
+from wine_assets import model_format
 from wine_assets.features import fit_scaler, frame_digest, split_frame
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
+from wine_assets.files import sha256_bytes, write_bytes_atomic
 from wine_assets.ingestion import class_counts
 from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.registry import SCALER_FILE
 
 
 @dg.multi_asset(
@@ -41,16 +43,16 @@ def train_test_split_assets(validated_wine: pd.DataFrame, params: WineParamsReso
 
 @dg.asset(
     group_name="features",
-    code_version="1",
+    code_version="2",  # 2: stored as skops
     kinds={"scikitlearn"},
-    description="A StandardScaler fitted on the training features only; also written to <artifacts_dir>/scaler.joblib.",
+    description="A StandardScaler fitted on the training features only; also written to <artifacts_dir>/scaler.skops.",
 )
 def scaler(
     context: dg.AssetExecutionContext, train_set: pd.DataFrame, params: WineParamsResource
 ) -> dg.Output[StandardScaler]:
     fitted = fit_scaler(train_set)
-    content = joblib_bytes(fitted)
-    path = params.values.artifacts_dir / "scaler.joblib"
+    content = model_format.dumps(fitted)
+    path = params.values.artifacts_dir / SCALER_FILE
     write_bytes_atomic(path, content)
     context.log.info("scaler written to %s", path)
     sha256 = sha256_bytes(content)

@@ -5,21 +5,23 @@ import pandas as pd
 from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import StandardScaler
 
-from wine_assets.files import joblib_bytes, sha256_bytes, write_bytes_atomic
+from wine_assets import model_format
+from wine_assets.files import sha256_bytes, write_bytes_atomic
 from wine_assets.pipeline.metadata import table
 from wine_assets.pipeline.resources import WineParamsResource
+from wine_assets.registry import MODEL_FILE
 from wine_assets.training import ClusterUnavailable, EstimatorError, feature_importances, train_model
 from wine_assets.validation import FEATURE_COLUMNS
 
 
 @dg.asset(
     group_name="training",
-    code_version="1",
+    code_version="2",  # 2: stored as skops
     kinds={"scikitlearn"},
     description=(
         "The estimator params.yaml's model section names (family, random_forest by default, and its "
         "hyperparameters), fitted on the scaled training features; also written to "
-        "<artifacts_dir>/model.joblib."
+        "<artifacts_dir>/model.skops."
     ),
 )
 def wine_model(
@@ -32,8 +34,8 @@ def wine_model(
         raise dg.Failure(description=str(exc), metadata={"dask_scheduler": values.model.dask_scheduler}) from exc
     except EstimatorError as exc:
         raise dg.Failure(description=f"{values.origin}: model section: {exc}") from exc
-    content = joblib_bytes(result.model)
-    path = values.artifacts_dir / "model.joblib"
+    content = model_format.dumps(result.model)
+    path = values.artifacts_dir / MODEL_FILE
     write_bytes_atomic(path, content)
     context.log.info("trained in %.3f s (%s); model written to %s", result.seconds, result.backend, path)
     top = feature_importances(result.model, FEATURE_COLUMNS)[:5]

@@ -145,7 +145,7 @@ def raw_wine_checks(raw_wine: pd.DataFrame, params: WineParamsResource) -> Any:
     yield from pandera_check_results(WineSchema, raw_wine, key)
     yield sample_size_result(raw_wine, key, values.validation.min_rows_per_class, values.data.test_size)
     yield outlier_result(raw_wine, key, values.validation.outlier_iqr_factor, values.validation.max_outlier_share)
-    yield feature_drift_result(raw_wine, ModelRegistry(values.registry_dir), values.validation.drift_p_value)
+    yield feature_drift_result(raw_wine, ModelRegistry.from_params(values), values.validation.drift_p_value)
 
 
 @dg.asset(
@@ -221,7 +221,7 @@ DISAGREEMENT_COLUMNS = [("label", "string"), ("production_predicts", "string"), 
 def labels_agree_with_production(validated_wine: pd.DataFrame, params: WineParamsResource) -> dg.AssetCheckResult:
     values = params.values
     try:
-        outcome = label_check(validated_wine, ModelRegistry(values.registry_dir), values)
+        outcome = label_check(validated_wine, ModelRegistry.from_params(values), values)
     except ReleaseError as exc:
         return dg.AssetCheckResult(passed=False, description=str(exc), metadata={"production_version": "unreadable"})
     if outcome is None:

@@ -45,6 +45,7 @@ from wine_assets.serving import inputs, metrics
 from wine_assets.serving.forest import ServedModel
 from wine_assets.serving.log import PredictionLog, PredictionRow, connect, find_prediction, record_feedback
 from wine_assets.serving.state import PINNED, ServingState
+from wine_assets.signing import Trust
 from wine_assets.validation import FEATURE_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,9 @@ class Service:
     def __init__(self, params: Params):
         self.params = params
         self.settings = params.serving
-        self.state = ServingState(params.registry_dir, params.serving)
+        self.state = ServingState(
+            params.registry_dir, params.serving, trust=Trust.from_config(params.registry.trusted_keys)
+        )
         self.log_path = params.serving_log_path
         self.log: PredictionLog | None = None
         self._reader: sqlite3.Connection | None = None

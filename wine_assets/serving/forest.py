@@ -25,7 +25,6 @@ import dataclasses
 import io
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,10 +212,9 @@ def prepare(bundle: Bundle, check_rows: np.ndarray) -> ServedModel:
     return served
 
 
-def load(registry_dir: Path, version: int | str | None = None) -> ServedModel:
-    """Load a version (production by default): sha256 verified before unpickling, then ``prepare``."""
+def load(registry: ModelRegistry, version: int | str | None = None) -> ServedModel:
+    """Load a version (production by default): signature and sha256 verified first, then ``prepare``."""
     started = time.perf_counter()
-    registry = ModelRegistry(registry_dir)
     bundle = registry.load(version)
     served = prepare(bundle, warm_rows(registry, bundle.version))
     return dataclasses.replace(served, load_seconds=time.perf_counter() - started)

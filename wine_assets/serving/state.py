@@ -27,6 +27,7 @@ from wine_assets.params import ServingParams
 from wine_assets.registry import ModelRegistry, RegistryError, VersionNotFound, parse_version
 from wine_assets.serving import forest, metrics
 from wine_assets.serving.forest import ServedModel
+from wine_assets.signing import Trust
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,14 @@ class LoadFailure:
 class ServingState:
     """What one worker serves. ``start`` begins watching; ``stop`` ends it."""
 
-    def __init__(self, registry_dir: Path, settings: ServingParams, retry_seconds: float | None = None):
-        self.registry = ModelRegistry(registry_dir)
+    def __init__(
+        self,
+        registry_dir: Path,
+        settings: ServingParams,
+        retry_seconds: float | None = None,
+        trust: Trust | None = None,
+    ):
+        self.registry = ModelRegistry(registry_dir, trust=trust)
         self.settings = settings
         self.interval = settings.reload_interval_seconds
         self.retry_seconds = retry_seconds if retry_seconds is not None else max(5 * self.interval, 10.0)
@@ -121,7 +128,7 @@ class ServingState:
         if self._failed is not None and self._failed[0] == wanted and time.monotonic() < self._failed[1]:
             return
         try:
-            served = forest.load(self.registry.root, wanted)
+            served = forest.load(self.registry, wanted)
         except Exception as exc:  # whatever a bad bundle raises (unpickling, another library version), it is not served
             self._failed = (wanted, time.monotonic() + self.retry_seconds)
             self._fail(PRODUCTION, wanted, str(exc))
@@ -146,7 +153,7 @@ class ServingState:
         if failure is not None and time.monotonic() < failure.at + self.retry_seconds:
             return
         try:
-            self.candidate = forest.load(self.registry.root, version)
+            self.candidate = forest.load(self.registry, version)
         except Exception as exc:
             self.candidate_failure = LoadFailure(version, str(exc), time.monotonic())
             metrics.RELOADS.labels(CANDIDATE, "failure").inc()
@@ -195,7 +202,7 @@ class ServingState:
             if number not in self.registry.versions():
                 raise VersionNotFound(f"version v{number} is not in the registry")
             try:
-                served = forest.load(self.registry.root, number)
+                served = forest.load(self.registry, number)
             except Exception as exc:
                 self._pinned_failures[number] = LoadFailure(number, str(exc), time.monotonic())
                 raise
