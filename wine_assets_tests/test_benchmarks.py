@@ -406,7 +406,7 @@ def test_a_scale_column_times_each_step_and_marks_those_that_did_not_end():
 @pytest.mark.unit
 def test_a_scale_note_gives_time_memory_and_model_size():
     assert bench.scale_note(1000, 4.5, 512 * 2**20, 3 * 2**19) == (
-        "1,000 rows: whole process 4.50 s, peak memory 512 MiB, model.skops 1.5 MiB."
+        "1,000 rows: whole process 4.50 s, peak memory 512 MiB, the model file 1.5 MiB."
     )
     assert bench.scale_note(1000, 4.5, 512 * 2**20, None) == "1,000 rows: whole process 4.50 s."
 

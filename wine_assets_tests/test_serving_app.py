@@ -695,7 +695,8 @@ def test_a_rollback_is_followed_and_a_tampered_version_is_never_served(tmp_path,
         failures = metric_value(app.metrics(), "wine_serving_model_reloads_total", outcome="failure")
         # v2's model bytes change after release; the alias is then pointed at it by hand.
         model_file = registry.version_dir(2) / "model.skops"
-        model_file.write_bytes(model_file.read_bytes()[:-1] + b"\x00")
+        content = model_file.read_bytes()
+        model_file.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))  # one bit of the last byte
         registry.alias_path.write_text("v2\n")
         wait_until(
             lambda: metric_value(app.metrics(), "wine_serving_model_reloads_total", outcome="failure") > failures,
