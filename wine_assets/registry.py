@@ -171,7 +171,7 @@ def _read_in(folder: int, name: str, limit: int, where: Path) -> bytes:
     try:
         return read_plain_file(name, limit, dir_fd=folder)
     except NotAPlainFile as exc:
-        raise UntrustedBundle(f"{where / name}: {str(exc).removeprefix(name + ' ')}; refused") from None
+        raise UntrustedBundle(f"{where / name} {str(exc).removeprefix(name + ' ')}; refused") from None
 
 
 @contextlib.contextmanager
