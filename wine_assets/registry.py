@@ -801,5 +801,6 @@ def extract_bundle(archive: Path, into: Path) -> Path:
         for member in members:
             handle = bundle.extractfile(member)
             assert handle is not None  # plain files only, checked above
-            (folder / Path(member.name).name).write_bytes(handle.read())
+            with handle, open(folder / Path(member.name).name, "xb") as target:
+                shutil.copyfileobj(handle, target)  # in chunks: a large member is never held in memory
     return folder
