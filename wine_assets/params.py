@@ -49,6 +49,71 @@ class ParamsError(ValueError):
     """A params file or override that cannot be used; the message names file and key."""
 
 
+# -- reading YAML: aliases counted while the document is composed, before any object is built --
+# An alias (*name) makes a value appear again without copying it, so ten nested lines of ten
+# aliases each stand for 10^9 values (the "billion laughs" document): small to read, but every
+# walk over the result (validation, writing the hyperparameters out) expands it. A params file
+# needs no alias. A few are allowed for a reader who shares a block; with at most 8, what the
+# document stands for is at most 18 times its own size (8 aliases spread over nested anchors
+# multiply at most 3 x 3 x 2), so memory and time stay bounded by the file's size.
+MAX_YAML_ALIASES = 8
+
+
+class _TooManyAliases(Exception):
+    def __init__(self, key: str, event: yaml.Event):
+        super().__init__(key)
+        self.key, self.event = key, event
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing the alias after the first MAX_YAML_ALIASES as it composes
+    (the node graph holds each anchored value once, so nothing has been expanded yet); it keeps
+    the key path it is in, so the refusal names the key."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._path: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        step = None
+        if isinstance(parent, yaml.MappingNode) and isinstance(index, yaml.ScalarNode):
+            step = f".{index.value}"
+        elif isinstance(parent, yaml.SequenceNode) and isinstance(index, int):
+            step = f"[{index}]"
+        if step is not None:
+            self._path.append(step)
+        try:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise _TooManyAliases("".join(self._path).lstrip(".") or "the top level", self.peek_event())
+            return super().compose_node(parent, index)
+        finally:
+            if step is not None:
+                self._path.pop()
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document (safe types only) from params text; ParamsError naming ``where`` and the key
+    when it is not valid YAML or holds more than MAX_YAML_ALIASES aliases."""
+    loader = _ParamsLoader(text)
+    try:
+        return loader.get_single_data()
+    except _TooManyAliases as exc:
+        mark = exc.event.start_mark
+        anchor = getattr(exc.event, "anchor", None)
+        raise ParamsError(
+            f"{where}: {exc.key} (line {mark.line + 1}, column {mark.column + 1}): alias *{anchor} is one more "
+            f"than the {MAX_YAML_ALIASES} YAML aliases a params file may hold (each can multiply the document's "
+            "size); write the values out instead"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{where}: not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
 def _whole_float_to_int(value: Any) -> Any:
     # YAML writes 100.0 for a count now and then; a whole float is that count. 2.5 stays a float
     # and is refused by the strict int type.
@@ -505,10 +570,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], where: str
             raise ParamsError(
                 f"override {item!r}: unknown section '{section}'; the sections are: {', '.join(SECTIONS)}"
             )
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
+        value = load_yaml(text, f"override {item!r}: the value") if text.strip() else None
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
             raise ParamsError(f"{where}: section '{section}' must be a mapping of keys to values")
@@ -596,10 +658,7 @@ def read_params(
             raise ParamsError(f"params file not found: {params_file}{hint}") from None
         except OSError as exc:
             raise ParamsError(f"params file {params_file} cannot be read: {exc.strerror}") from exc
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{params_file}: not valid YAML: {exc}") from exc
+        raw = load_yaml(text, str(params_file))
     if overrides:
         if raw is not None and not isinstance(raw, Mapping):
             raise ParamsError(f"{where}: the top level must be a mapping of sections")
@@ -654,6 +713,8 @@ def model_section_change(path: Path, family: str, hyperparameters: Mapping[str, 
     yaml_rt.representer.add_representer(  # null as this project writes it, not an empty value
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    # ruamel builds its objects as it reads: the same checks (aliases counted) come first.
+    load_yaml(before, str(path))
     try:
         document = yaml_rt.load(before)
     except Exception as exc:  # ruamel raises several error types; all mean the same here
@@ -679,7 +740,8 @@ def model_section_change(path: Path, family: str, hyperparameters: Mapping[str, 
     buffer = io.StringIO()
     yaml_rt.dump(document, buffer)
     after = buffer.getvalue()
-    params_from_mapping(yaml.safe_load(after), where=f"{path} (with the new model section)")
+    where = f"{path} (with the new model section)"
+    params_from_mapping(load_yaml(after, where), where=where)
     return ParamsChange(path, before, after)
 
 

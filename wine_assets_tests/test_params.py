@@ -4,10 +4,12 @@ import pytest
 import yaml
 
 from wine_assets.params import (
+    MAX_YAML_ALIASES,
     LaunchParams,
     Params,
     ParamsError,
     load_params,
+    load_yaml,
     model_section_change,
     params_from_mapping,
     params_to_yaml,
@@ -289,3 +291,45 @@ def test_the_model_section_is_rewritten_keeping_comments_and_the_other_sections(
     bare.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match=r"bare.yaml: not valid YAML"):
         model_section_change(bare, "random_forest", {})
+
+
+def billion_laughs() -> str:
+    """The classic document: nine levels of nine aliases each under serving.host, 9^9 strings."""
+    levels = ['  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 9):
+        levels.append(f"  - &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "serving:\n  host:\n" + "\n".join(levels) + "\n"
+
+
+@pytest.mark.unit
+def test_a_billion_laughs_document_is_refused_before_it_expands(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(billion_laughs())
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    # The first alias past the limit is on the second level's line: nothing deeper was composed.
+    assert message.startswith(f"{path}: serving.host[1][{MAX_YAML_ALIASES}] (line 4, column ")
+    assert f"alias *l0 is one more than the {MAX_YAML_ALIASES} YAML aliases" in message
+    # The round-trip writer refuses it the same way, and the file stays as it was.
+    before = path.read_bytes()
+    with pytest.raises(ParamsError, match=r"serving\.host\[1\]\[8\] \(line 4, column "):
+        model_section_change(path, "random_forest", {"n_estimators": 5})
+    assert path.read_bytes() == before
+
+
+@pytest.mark.unit
+def test_aliases_up_to_the_limit_load_and_one_more_is_refused_in_overrides_too(tmp_path):
+    shared = "[" + ", ".join(["*seed"] * (MAX_YAML_ALIASES - 1)) + "]"
+    assert load_yaml(f"a: &seed 42\nb: *seed\nc: {shared}\n", "t") == {
+        "a": 42,
+        "b": 42,
+        "c": [42] * (MAX_YAML_ALIASES - 1),
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  random_state: &seed 7\nmodel:\n  random_state: *seed\n")
+    assert load_params(path).model.random_state == 7  # a shared value still works
+    many = "[&x 1, " + ", ".join(["*x"] * (MAX_YAML_ALIASES + 1)) + "]"
+    with pytest.raises(ParamsError) as error:
+        load_params(path, overrides=[f"serving.host={many}"])
+    assert f"override 'serving.host={many}': the value: [{MAX_YAML_ALIASES + 1}] (line 1, column" in str(error.value)
