@@ -1,10 +1,13 @@
 """Local servers for scaling out: PostgreSQL, Redis and a Dask cluster on 127.0.0.1.
 
 ``make services`` (``wine-assets services up``) starts each on a free port, waits until it
-answers, records the process ids in ``<state dir>/state.json`` and writes the addresses to
-``.services.env`` as shell assignments. ``make services-down`` stops exactly the recorded
-processes (checked by their start time, so a recycled process id is never signalled). Both are
-idempotent. The test fixtures start and stop the servers through these same functions.
+answers, records each process's pid and start time (psutil's create time) in
+``<state dir>/state.json`` and writes the addresses to ``.services.env`` as shell assignments.
+``make services-down`` stops exactly the recorded processes, each with its process group, and
+only while psutil reports the same pid with the same start time: a pid that another process has
+taken is reported "not ours" and never signalled. Both are idempotent. ``purge`` deletes only the
+folders the stack made (each holds its marker file) and follows no symbolic link. The test
+fixtures start and stop the servers through these same functions.
 
 These are development servers: PostgreSQL runs with ``fsync=off``, Redis keeps nothing on disk,
 and none of them asks local users for credentials but PostgreSQL. The PostgreSQL password is
@@ -24,13 +27,16 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -57,42 +63,94 @@ class ServiceError(RuntimeError):
 
 
 # -- processes: started in their own session, identified by pid and start time --
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone."""
+# Start times are compared with this much slack, in seconds. psutil's create_time is the kernel's
+# clock ticks since boot plus the boot time, and the boot time (/proc/stat's btime) is a whole number
+# of seconds derived from the wall clock, read again on each call: the `up` that recorded a server
+# and a later `down` can see it one second apart once NTP has adjusted the clock. A process that took
+# over a recorded pid would have had to start within that window, after the pid counter wrapped. A
+# larger clock step errs on the safe side: the servers are then reported "not ours" and left running.
+START_TIME_TOLERANCE = 1.5
+OURS, GONE, NOT_OURS = "ours", "gone", "not ours"
+
+
+def _start_time(pid: int) -> float | None:
+    """psutil's create time of a live process (a zombie counts as gone), or None if there is none."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except (psutil.NoSuchProcess, ValueError):  # ValueError: a negative pid
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] == "Z" else fields[19]
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) + f".{int(timestamp * 100) % 100:02d}"
 
 
 @dataclass(frozen=True)
 class Process:
+    """A server as the state file records it: its pid and psutil's create time of that pid."""
+
     name: str
     pid: int
-    started: str
+    started: float
     log: str
     stop_signal: int = signal.SIGTERM
 
+    def identify(self) -> tuple[str, str]:
+        """OURS while the pid is the recorded process (same pid, same start time), GONE when no
+        process has the pid, NOT_OURS when another one has it; with a sentence saying why."""
+        if self.pid <= 1:  # 0 would signal our own process group, 1 is init
+            return NOT_OURS, f"pid {self.pid} is never a server's"
+        try:
+            process = psutil.Process(self.pid)
+            with process.oneshot():
+                zombie = process.status() == psutil.STATUS_ZOMBIE
+                created, command = process.create_time(), process.name()
+        except psutil.NoSuchProcess:
+            return GONE, f"pid {self.pid} is gone"
+        except psutil.AccessDenied:
+            return NOT_OURS, f"pid {self.pid} cannot be inspected by this user"
+        if zombie:
+            return GONE, f"pid {self.pid} has exited"
+        if abs(created - self.started) > START_TIME_TOLERANCE:
+            return NOT_OURS, (
+                f"pid {self.pid} is now '{command}', started {_when(created)}, "
+                f"not at the recorded {_when(self.started)}"
+            )
+        return OURS, f"pid {self.pid} is the '{command}' started {_when(created)}"
+
     def alive(self) -> bool:
-        return _start_time(self.pid) == self.started
+        return self.identify()[0] == OURS
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Signal the process group (the server and its children), then kill what is left.
+    def stop(self, timeout: float = 20.0) -> bool:
+        """Signal the process and its process group, then kill what is left; only while the pid is
+        the recorded process. Returns whether it was (False: gone, or another's and left alone).
 
-        The group is signalled while its leader is the recorded process, or (leader gone) while
-        members of the group are left; a recycled process id with another start time is not ours.
+        Every server is started as the leader of its own group, so the group's id is its pid. The
+        kernel hands a pid out again only once no process has it as its pid or its group id, so
+        once the leader is verified here, the group stays this server's while any member is left.
         """
-        if not self.alive() and not group_members(self.pid):
-            return
-        _signal_group(self.pid, self.stop_signal)
+        if not self.alive():
+            return False
+        group = _process_group(self.pid) == self.pid
+        self._signal(self.stop_signal, group)
         if self._wait_gone(timeout):
-            return
+            return True
         log.warning("%s (pid %d) did not stop in %.0f s: killing its process group", self.name, self.pid, timeout)
-        _signal_group(self.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL, group)
         if not self._wait_gone(10):
             raise ServiceError(f"{self.name} (process group {self.pid}) is still running after SIGKILL")
+        return True
+
+    def _signal(self, signum: int, group: bool) -> None:
+        if group:
+            _signal_group(self.pid, signum)
+            return
+        try:  # a recorded process that left its group (none of the servers does): itself only
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def _wait_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -102,6 +160,13 @@ class Process:
                 return True
             time.sleep(0.1)
         return False
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _reap(pid: int) -> None:
@@ -124,15 +189,11 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def group_members(pgid: int) -> set[int]:
-    """The processes of a process group that have not exited (zombies excluded), from /proc."""
+    """The processes of a process group that have not exited (zombies excluded)."""
     members = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.add(int(stat.parent.name))
+    for process in psutil.process_iter(["status"]):
+        if process.info["status"] != psutil.STATUS_ZOMBIE and _process_group(process.pid) == pgid:
+            members.add(process.pid)
     return members
 
 
@@ -159,12 +220,7 @@ def _spawn(
             env=env,
             cwd=log_path.parent,
         )
-    started = None
-    for _ in range(50):
-        started = _start_time(proc.pid)
-        if started:
-            break
-        time.sleep(0.01)
+    started = _start_time(proc.pid)  # Popen returns once the program is executing
     if started is None:
         raise ServiceError(f"{name} exited at once; see {log_path}")
     # Popen's handle is dropped on purpose: the server outlives this process. It is stopped by
@@ -239,6 +295,7 @@ def _pg_dirs(state_dir: Path, user: str | None) -> Path:
     """The folder for the cluster: under the state dir, unless the server's user cannot reach it
     (a project under /root, say); then a private folder made by mkdtemp under /var/tmp, whose
     path is recorded in <state dir>/postgres.location so that the next start finds it."""
+    make_state_dir(state_dir)
     wanted = state_dir / "postgres"
     wanted.mkdir(parents=True, exist_ok=True)
     if user is not None:
@@ -250,6 +307,7 @@ def _pg_dirs(state_dir: Path, user: str | None) -> Path:
         return recorded
     base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
     fallback = Path(tempfile.mkdtemp(prefix="wine-assets-postgres-", dir=base))
+    _mark_made(fallback, CLUSTER_FOLDER)
     shutil.chown(fallback, user, user)  # type: ignore[arg-type]
     if not _reachable_by(user, fallback):
         raise ServiceError(f"the '{user}' user can reach neither {wanted} nor {fallback}")
@@ -259,23 +317,131 @@ def _pg_dirs(state_dir: Path, user: str | None) -> Path:
 
 
 def _fallback_dir(state_dir: Path) -> Path | None:
-    """The recorded folder of a cluster outside the state dir, if it is still a real folder."""
+    """The recorded folder of a cluster outside the state dir, while it is a real folder that the
+    services stack made (a folder named by a hand-edited postgres.location is never used)."""
     location = state_dir / "postgres.location"
     if not location.exists():
         return None
     path = Path(location.read_text().strip())
-    if path.is_symlink() or not path.is_dir():
+    if not path.is_absolute() or _not_made_here(path, CLUSTER_FOLDER) is not None:
         return None
     return path
 
 
-def purge(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> None:
-    """down(), then delete the servers' data (the PostgreSQL cluster included)."""
-    down(state_dir, env_file)
-    fallback = _fallback_dir(state_dir.resolve())
-    if fallback is not None:
-        shutil.rmtree(fallback, ignore_errors=True)
-    shutil.rmtree(state_dir, ignore_errors=True)
+# -- the folders the services stack makes, and purge, which deletes only those --
+MARKER = ".made-by-wine-assets-services"
+STATE_DIR, CLUSTER_FOLDER = "state dir", "PostgreSQL cluster folder"
+
+
+def _marker_text(kind: str) -> str:
+    return f"This {kind} was made by `wine-assets services`; `wine-assets services purge` deletes it.\n"
+
+
+def _mark_made(folder: Path, kind: str) -> None:
+    """Write the marker that lets purge delete folder (O_EXCL, O_NOFOLLOW: never through a link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    with os.fdopen(os.open(folder / MARKER, flags, 0o600), "w") as out:
+        out.write(_marker_text(kind))
+
+
+def make_state_dir(state_dir: Path) -> None:
+    """Make the state dir, marked as the services stack's, unless it exists (then it is left as it is:
+    a folder that was there before is not marked, and purge will not delete it)."""
+    try:
+        state_dir.mkdir(parents=True)
+    except FileExistsError:
+        return
+    _mark_made(state_dir, STATE_DIR)
+
+
+def _not_made_here(folder: Path, kind: str) -> str | None:
+    """None if folder is a real folder holding the marker the services stack wrote when it made it
+    as a `kind`; else why not."""
+    try:
+        found = os.lstat(folder)
+    except FileNotFoundError:
+        return "it does not exist"
+    if stat.S_ISLNK(found.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(found.st_mode):
+        return "it is not a folder"
+    marker = folder / MARKER
+    try:
+        with os.fdopen(os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as source:
+            opened = os.fstat(source.fileno())
+            owner, regular = opened.st_uid, stat.S_ISREG(opened.st_mode)
+            text = source.read(1024) if regular else b""
+    except FileNotFoundError:
+        return f"it holds no {MARKER} file, so `wine-assets services` did not make it"
+    except OSError as exc:  # ELOOP: the marker is a symbolic link
+        return f"its {MARKER} cannot be read as a plain file ({exc.strerror})"
+    if not regular:
+        return f"its {MARKER} is not a regular file"
+    if owner != os.geteuid():
+        return f"its {MARKER} belongs to another user (uid {owner})"
+    if text != _marker_text(kind).encode():
+        return f"its {MARKER} does not say `wine-assets services` made it as a {kind}"
+    return None
+
+
+def _folders_to_purge(state_dir: Path) -> list[Path]:
+    """The PostgreSQL cluster's folder outside the state dir (if one is recorded) and the state dir,
+    each checked to be one the services stack made; ServiceError naming the first that is not."""
+    if not os.path.lexists(state_dir):
+        return []
+    reason = _not_made_here(state_dir, STATE_DIR)
+    if reason is not None:
+        raise ServiceError(
+            f"not deleting {state_dir}: {reason}; nothing was stopped or deleted (delete it by hand if it holds "
+            "nothing you need)"
+        )
+    folders = [state_dir]
+    location = state_dir / "postgres.location"
+    if location.is_file():
+        cluster = Path(location.read_text().strip())
+        if not cluster.is_absolute():
+            raise ServiceError(f"not deleting {cluster!s} (named by {location}): it is not an absolute path")
+        if os.path.lexists(cluster):
+            reason = _not_made_here(cluster, CLUSTER_FOLDER)
+            if reason is not None:
+                raise ServiceError(
+                    f"not deleting {cluster} (named by {location}): {reason}; nothing was stopped or deleted"
+                )
+            folders.insert(0, cluster)
+    return folders
+
+
+def _delete_tree(folder: Path) -> None:
+    """Delete folder and what is in it without following a symbolic link: a link inside is removed
+    as a link, its target kept."""
+    # shutil.rmtree works on file descriptors where the platform allows it (Linux does): it opens each
+    # folder with O_NOFOLLOW and checks it is the one it listed, so a link is never entered, even one
+    # swapped in while it runs. Elsewhere it could follow one: refuse there.
+    if not shutil.rmtree.avoids_symlink_attacks:
+        raise ServiceError(f"not deleting {folder}: shutil.rmtree could follow symbolic links on this platform")
+    failures: list[str] = []
+
+    def failed(function, path, error) -> None:  # noqa: ANN001 - shutil's callback
+        failures.append(f"{path}: {error[1] if isinstance(error, tuple) else error}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=failed)
+    else:
+        shutil.rmtree(folder, onerror=failed)
+    if failures:
+        raise ServiceError(f"could not delete all of {folder}: {failures[0]}")
+
+
+def purge(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> DownReport:
+    """down(), then delete the servers' data: the state dir and the PostgreSQL cluster's folder,
+    only if the services stack made them (its marker file is inside); otherwise ServiceError, naming
+    the folder and why, before anything is stopped or deleted."""
+    state_dir = Path(os.path.abspath(state_dir))  # not resolved: a state dir that is a link is refused
+    folders = _folders_to_purge(state_dir)
+    report = down(state_dir, env_file)
+    for folder in folders:
+        _delete_tree(folder)
+    return report
 
 
 def _pg_connect(host: str, port: int, password: str, dbname: str):
@@ -558,26 +724,65 @@ def _load_state(state_dir: Path) -> dict:
     path = state_dir / "state.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError(f"{path} is not a state file `wine-assets services up` wrote ({exc})") from None
 
 
-def _processes(state: dict) -> list[Process]:
-    return [Process(**item) for item in state.get("processes", [])]
+def _processes(state: dict, path: Path) -> list[Process]:
+    """The records of a state file (path, for messages), each checked to be what up() writes."""
+    records = state.get("processes", [])
+    if not isinstance(records, list):
+        raise ServiceError(f"{path}: 'processes' is not a list of records: nothing was signalled")
+    processes = []
+    for index, item in enumerate(records):
+        try:
+            processes.append(
+                Process(
+                    name=str(item["name"]),
+                    pid=int(item["pid"]),
+                    started=float(item["started"]),
+                    log=str(item["log"]),
+                    stop_signal=int(signal.Signals(item.get("stop_signal", signal.SIGTERM))),
+                )
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ServiceError(
+                f"process {index + 1} of {path} is not a record `wine-assets services up` wrote "
+                f"({type(exc).__name__}: {exc}): nothing was signalled"
+            ) from None
+    return processes
+
+
+@dataclass
+class DownReport:
+    """What down() did with the recorded processes: 'name (pid N)' for each one stopped, and a
+    sentence for each left alone (its pid is another process's now, or its leftover group cannot
+    be verified)."""
+
+    stopped: list[str] = field(default_factory=list)
+    left_running: list[str] = field(default_factory=list)
 
 
 def running(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> dict[str, str] | None:
     """The env of the servers up() started, if every one of them is still running; else None."""
-    state = _load_state(state_dir.resolve())
-    processes = _processes(state)
-    if processes and all(process.alive() for process in processes) and env_file.exists():
-        return state["env"]
+    state_dir = state_dir.resolve()
+    state = _load_state(state_dir)
+    processes = _processes(state, state_dir / "state.json")
+    env = state.get("env")
+    if processes and all(process.alive() for process in processes) and env_file.exists() and isinstance(env, dict):
+        return env
     return None
 
 
 @contextlib.contextmanager
 def _locked(state_dir: Path):
     """One up() or down() at a time per state dir (two `make services` at once start one set)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     with open(state_dir / "lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         yield
@@ -603,7 +808,8 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE, t
         already = running(state_dir, env_file)
         if already is not None:
             return already
-        _down(state_dir, env_file)  # whatever is half up goes first
+        for line in _down(state_dir, env_file).left_running:  # whatever is half up goes first
+            log.warning("%s", line)
         started: list[Process] = []
         env: dict[str, str] = {}
         try:
@@ -625,29 +831,51 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE, t
         return env
 
 
-def down(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> list[str]:
-    """Stop exactly the processes up() recorded; remove the env file. Returns what was stopped."""
+def down(state_dir: Path = DEFAULT_STATE_DIR, env_file: Path = DEFAULT_ENV_FILE) -> DownReport:
+    """Stop exactly the processes up() recorded, each only while its pid and start time match the
+    record; forget the records; remove the env file."""
     state_dir = state_dir.resolve()
     if not state_dir.exists():
         env_file.unlink(missing_ok=True)
-        return []
+        return DownReport()
     with _locked(state_dir):
         return _down(state_dir, env_file)
 
 
-def _down(state_dir: Path, env_file: Path) -> list[str]:
-    stopped = []
-    for process in reversed(_processes(_load_state(state_dir))):
-        if process.alive() or group_members(process.pid):
-            process.stop()
-            stopped.append(f"{process.name} (pid {process.pid})")
+def _down(state_dir: Path, env_file: Path) -> DownReport:
+    report = DownReport()
+    for process in reversed(_processes(_load_state(state_dir), state_dir / "state.json")):
+        identity, why = process.identify()
+        if identity == OURS and process.stop():
+            report.stopped.append(f"{process.name} (pid {process.pid})")
+        elif identity == NOT_OURS:
+            report.left_running.append(f"{process.name} (pid {process.pid}) is not ours, left running: {why}")
+        elif identity == GONE and group_members(process.pid):
+            # The leader is gone: a group with its id may be the rest of the server, or the group of a
+            # process that had the pid since and has exited too. Nothing tells them apart: not signalled.
+            members = ", ".join(str(pid) for pid in sorted(group_members(process.pid)))
+            report.left_running.append(
+                f"{process.name} (pid {process.pid}) is gone; processes {members} of its process group are "
+                "left running: they cannot be verified as its own"
+            )
     (state_dir / "state.json").unlink(missing_ok=True)
     env_file.unlink(missing_ok=True)
-    return stopped
+    return report
 
 
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> list[tuple[str, int, bool]]:
-    return [(p.name, p.pid, p.alive()) for p in _processes(_load_state(state_dir.resolve()))]
+    """(name, pid, running) for each recorded process; running only while it is the recorded process."""
+    state_dir = state_dir.resolve()
+    return [(p.name, p.pid, p.alive()) for p in _processes(_load_state(state_dir), state_dir / "state.json")]
+
+
+def _status_lines(state_dir: Path) -> list[tuple[str, bool]]:
+    lines, state_dir = [], state_dir.resolve()
+    for process in _processes(_load_state(state_dir), state_dir / "state.json"):
+        identity, why = process.identify()
+        word = {OURS: "running", GONE: "stopped"}.get(identity, f"not ours, left running: {why}")
+        lines.append((f"{process.name:16} pid {process.pid:<8} {word}", identity == OURS))
+    return lines
 
 
 def check(env: Mapping[str, str], *, postgres: bool = True, celery: bool = False) -> list[str]:
@@ -711,6 +939,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server (default 60)")
 
 
+def _print_down(report: DownReport) -> None:
+    print("stopped " + ", ".join(report.stopped) if report.stopped else "no services were running")
+    for line in report.left_running:
+        print(line)
+
+
 def run(args: argparse.Namespace) -> int:
     """The `wine-assets services` command: 0 on success, 1 with a message on stderr otherwise."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -722,22 +956,22 @@ def run(args: argparse.Namespace) -> int:
             for name in ENV_NAMES:
                 print(f"  {name}={'***' if 'PASSWORD' in name else env[name]}")
         elif args.action == "down":
-            stopped = down(args.state_dir, args.env_file)
-            print("stopped " + ", ".join(stopped) if stopped else "no services were running")
+            _print_down(down(args.state_dir, args.env_file))
         elif args.action == "check":
             both = not (args.postgres or args.celery)
             for line in check(os.environ, postgres=args.postgres or both, celery=args.celery or both):
                 print(line)
         elif args.action == "purge":
-            purge(args.state_dir, args.env_file)
+            for line in purge(args.state_dir, args.env_file).left_running:
+                print(line)
             print(f"services stopped; {args.state_dir} and the PostgreSQL cluster deleted")
         else:
-            rows = status(args.state_dir)
+            rows = _status_lines(args.state_dir)
             if not rows:
                 print("no services recorded")
-            for name, pid, alive in rows:
-                print(f"{name:16} pid {pid:<8} {'running' if alive else 'stopped'}")
-            return 0 if rows and all(alive for _, _, alive in rows) else 1
+            for line, _ in rows:
+                print(line)
+            return 0 if rows and all(ours for _, ours in rows) else 1
     except ServiceError as exc:
         print(f"wine-assets: error: {exc}", file=sys.stderr)
         return 1

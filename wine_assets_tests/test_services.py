@@ -1,5 +1,6 @@
 """The service manager's own logic, without servers: process identity, stopping, the env file."""
 
+import os
 import subprocess
 import sys
 import time
@@ -8,15 +9,18 @@ import pytest
 
 from wine_assets import services
 
+GONE_PID = 2**31 - 2  # above any pid_max: a process that cannot exist
+
 
 @pytest.mark.integration
 def test_a_recycled_process_id_is_never_signalled():
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         # The pid as a state file recorded it, with the start time of an older process.
-        stale = services.Process("postgres", bystander.pid, "1", "/dev/null")
+        stale = services.Process("postgres", bystander.pid, services._start_time(bystander.pid) - 3600, "/dev/null")
+        assert stale.identify()[0] == services.NOT_OURS
         assert not stale.alive()
-        stale.stop(timeout=1)
+        assert stale.stop(timeout=1) is False
         assert bystander.poll() is None
     finally:
         bystander.kill()
@@ -37,7 +41,7 @@ def test_stop_ends_the_whole_process_group():
         while len(services.group_members(leader.pid)) < 2 and time.monotonic() < deadline:
             pass
         assert len(services.group_members(leader.pid)) == 2  # the leader and its child
-        process.stop(timeout=10)
+        assert process.stop(timeout=10) is True
         assert not process.alive()
         assert services.group_members(leader.pid) == set()
     finally:
@@ -76,3 +80,26 @@ def test_check_names_what_is_missing_or_down():
         services.ServiceError, match=rf"Redis at 127.0.0.1:{port} \(the Celery broker\) does not answer"
     ):
         services.check({"WINE_ASSETS_CELERY_BROKER": f"redis://127.0.0.1:{port}/0"}, postgres=False, celery=True)
+
+
+@pytest.mark.unit
+def test_a_process_is_ours_only_with_its_pid_and_its_start_time_within_the_tolerance():
+    started = services._start_time(os.getpid())
+    assert started is not None
+
+    def identity(pid: int, recorded: float) -> str:
+        return services.Process("me", pid, recorded, "/dev/null").identify()[0]
+
+    tolerance = services.START_TIME_TOLERANCE
+    assert identity(os.getpid(), started) == services.OURS
+    # /proc/stat's btime is whole seconds: a one-second disagreement between two readers is the same process
+    assert identity(os.getpid(), started + 1.0) == identity(os.getpid(), started - 1.0) == services.OURS
+    assert identity(os.getpid(), started + tolerance + 0.1) == services.NOT_OURS
+    assert identity(os.getpid(), started - 60) == services.NOT_OURS
+    assert identity(GONE_PID, started) == services.GONE
+    kind, why = services.Process("me", 0, started, "/dev/null").identify()
+    assert (kind, why) == (services.NOT_OURS, "pid 0 is never a server's")  # 0 would signal our own group
+    kind, why = services.Process("me", os.getpid(), started - 60, "/dev/null").identify()
+    assert why.startswith(f"pid {os.getpid()} is now '") and why.endswith(
+        f", not at the recorded {services._when(started - 60)}"
+    )

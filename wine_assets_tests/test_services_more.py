@@ -2,7 +2,8 @@
 the scale-out tests leave out: servers that die or never answer while starting, a process that ignores
 SIGTERM, the PostgreSQL cluster's folder when its user cannot reach the state dir, clusters left half
 made, retries on another port, the `wine-assets services` actions on recorded and dead processes,
-and the checks of servers that answer wrongly."""
+records whose pid another process has taken (never signalled), purge refusing folders the stack did
+not make and deleting symbolic links as links, and the checks of servers that answer wrongly."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from wine_assets import services
+from wine_assets import cli, services
 
-from .support import BIN, free_port, require_programs
+from .support import BIN, free_port, require_programs, tree_snapshot
 
 GONE_PID = 2**31 - 2  # above any pid_max: a process that cannot exist
 
@@ -39,8 +41,8 @@ def namespace(action: str, state_dir: Path, env_file: Path, **flags) -> argparse
 
 
 def record(state_dir: Path, processes: list[services.Process], env: dict[str, str]) -> None:
-    """The state file as up() leaves it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """The state file as up() leaves it, in a state dir the services stack made (if it is not there yet)."""
+    services.make_state_dir(state_dir)
     document = {"env": env, "processes": [vars(process) for process in processes]}
     (state_dir / "state.json").write_text(json.dumps(document), encoding="utf-8")
 
@@ -160,11 +162,18 @@ def test_a_recorded_cluster_folder_counts_only_while_it_is_a_real_folder(tmp_pat
     location.write_text(str(tmp_path / "gone") + "\n")
     assert services._fallback_dir(state) is None
     (tmp_path / "cluster").mkdir()
+    location.write_text(str(tmp_path / "cluster") + "\n")
+    assert services._fallback_dir(state) is None  # a folder the services stack did not make: never used
+    services._mark_made(tmp_path / "cluster", services.CLUSTER_FOLDER)
     (tmp_path / "link").symlink_to(tmp_path / "cluster")
     location.write_text(str(tmp_path / "link"))
     assert services._fallback_dir(state) is None  # a symlink could point anywhere: never followed
     location.write_text(str(tmp_path / "cluster") + "\n")
     assert services._fallback_dir(state) == tmp_path / "cluster"
+    (tmp_path / "state-dir-like").mkdir()
+    services._mark_made(tmp_path / "state-dir-like", services.STATE_DIR)
+    location.write_text(str(tmp_path / "state-dir-like"))
+    assert services._fallback_dir(state) is None  # marked, but as a state dir, not as a cluster folder
 
 
 @pytest.mark.unit
@@ -198,6 +207,7 @@ def _cluster_without_password(state: Path, elsewhere: Path) -> None:
     for root in (state / "postgres", elsewhere):
         (root / "data").mkdir(parents=True)
         (root / "data" / "PG_VERSION").write_text("15\n")
+    services._mark_made(elsewhere, services.CLUSTER_FOLDER)  # as the services stack made it
     (state / "postgres.location").write_text(str(elsewhere))
 
 
@@ -229,6 +239,7 @@ def test_initdb_failing_is_reported_with_its_message(unreachable, tmp_path):
     for root in (state / "postgres", tmp_path / "cluster"):
         root.mkdir(parents=True)
         (root / "data").write_text("a file where the cluster's folder belongs\n")
+    services._mark_made(tmp_path / "cluster", services.CLUSTER_FOLDER)  # as the services stack made it
     (state / "postgres.location").write_text(str(tmp_path / "cluster"))
     with pytest.raises(services.ServiceError) as caught:
         services.start_postgres(state, timeout=5)
@@ -291,14 +302,14 @@ def test_a_server_that_is_not_installed_is_not_tried_again(tmp_path, monkeypatch
 def test_down_without_a_state_dir_removes_the_env_file(tmp_path):
     env_file = tmp_path / "services.env"
     env_file.write_text("DAGSTER_PG_HOST=127.0.0.1\n")
-    assert services.down(tmp_path / "never-started", env_file) == []
+    assert services.down(tmp_path / "never-started", env_file) == services.DownReport([], [])
     assert not env_file.exists() and not (tmp_path / "never-started").exists()
 
 
 @pytest.mark.unit
 def test_recorded_processes_that_are_gone_are_shown_stopped_and_forgotten(tmp_path, capsys):
     state, env_file = tmp_path / "state", tmp_path / "services.env"
-    record(state, [services.Process("redis", GONE_PID, "12345", str(state / "redis.log"))], {"X": "1"})
+    record(state, [services.Process("redis", GONE_PID, 12345.0, str(state / "redis.log"))], {"X": "1"})
     env_file.write_text("X=1\n")
     assert services.status(state) == [("redis", GONE_PID, False)]
     assert services.running(state, env_file) is None
@@ -336,6 +347,243 @@ def test_status_is_0_while_every_recorded_server_runs_and_down_stops_them(tmp_pa
         assert not sleeper.alive() and services.group_members(sleeper.pid) == set()
     finally:
         kill_if_left(sleeper)
+
+
+@pytest.fixture
+def setsid_sleep() -> Iterator[subprocess.Popen]:
+    """`setsid sleep 300`: a process in a session of its own that the services stack did not start."""
+    sleeper = subprocess.Popen(["setsid", "sleep", "300"])
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(sleeper.pid).name() != "sleep" or os.getpgid(sleeper.pid) != sleeper.pid:
+            assert time.monotonic() < deadline, "setsid sleep 300 did not start"
+            time.sleep(0.01)
+        yield sleeper
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def where(state_dir: Path, env_file: Path) -> list[str]:
+    return ["--state-dir", str(state_dir), "--env-file", str(env_file)]
+
+
+def still_running(process: subprocess.Popen) -> bool:
+    """Whether process is running half a second on (time for a signal sent to it to have ended it)."""
+    time.sleep(0.5)
+    return process.poll() is None and psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.integration
+def test_down_leaves_a_process_recorded_under_a_wrong_start_time_running(tmp_path, capsys, setsid_sleep):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    pid = setsid_sleep.pid
+    actual = psutil.Process(pid).create_time()
+    wrong = actual - 3600  # the record's pid, but not the process that had it when it was written
+    record(state, [services.Process("redis", pid, wrong, str(state / "redis.log"))], {"X": "1"})
+    env_file.write_text("X=1\n")
+    why = f"pid {pid} is now 'sleep', started {services._when(actual)}, not at the recorded {services._when(wrong)}"
+    assert cli.main(["services", "status", *where(state, env_file)]) == 1
+    assert capsys.readouterr().out == f"redis            pid {pid:<8} not ours, left running: {why}\n"
+    assert cli.main(["services", "down", *where(state, env_file)]) == 0
+    assert capsys.readouterr().out == f"no services were running\nredis (pid {pid}) is not ours, left running: {why}\n"
+    assert still_running(setsid_sleep)
+    assert not (state / "state.json").exists() and not env_file.exists()  # the stale record is forgotten
+
+
+@pytest.mark.integration
+def test_the_clean_up_before_up_leaves_a_process_that_is_not_ours_running(tmp_path, caplog, setsid_sleep):
+    if os.geteuid() == 0:
+        require_programs("postgres")  # as root, up runs PostgreSQL as the 'postgres' user its package makes
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    pid = setsid_sleep.pid
+    record(state, [services.Process("postgres", pid, psutil.Process(pid).create_time() - 60, "pg.log")], {"X": "1"})
+    (state / "postgres").write_text("a file where the cluster's folder belongs\n")  # up fails after its clean-up
+    with caplog.at_level(logging.WARNING, logger="wine_assets.services"):
+        with pytest.raises(FileExistsError):
+            services.up(state, env_file, timeout=5)
+    assert still_running(setsid_sleep)
+    assert [m for m in caplog.messages if m.startswith(f"postgres (pid {pid}) is not ours, left running: pid {pid}")]
+    assert not (state / "state.json").exists()
+
+
+@pytest.mark.integration
+def test_down_stops_a_recorded_process_whose_pid_and_start_time_match(tmp_path, capsys, setsid_sleep):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    pid = setsid_sleep.pid
+    recorded = psutil.Process(pid).create_time() + 1.0  # another reader's whole-second boot time
+    record(state, [services.Process("sleeper", pid, recorded, str(state / "sleeper.log"))], {"X": "1"})
+    assert cli.main(["services", "down", *where(state, env_file)]) == 0
+    assert capsys.readouterr().out == f"stopped sleeper (pid {pid})\n"
+    assert services._start_time(pid) is None and services.group_members(pid) == set()
+
+
+@pytest.mark.integration
+def test_a_recorded_leader_that_is_gone_is_forgotten_and_its_leftover_group_is_not_signalled(tmp_path, capsys):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess; subprocess.Popen(['sleep', '300'])"], start_new_session=True
+    )
+    started = psutil.Process(leader.pid).create_time()  # readable while it runs and while it is a zombie
+    leader.wait(timeout=30)
+    left = services.group_members(leader.pid)  # its child, still in the group the leader made
+    try:
+        assert len(left) == 1
+        record(state, [services.Process("dask-worker-1", leader.pid, started, "w.log")], {"X": "1"})
+        assert cli.main(["services", "down", *where(state, env_file)]) == 0
+        assert capsys.readouterr().out == (
+            f"no services were running\ndask-worker-1 (pid {leader.pid}) is gone; processes {min(left)} of its "
+            "process group are left running: they cannot be verified as its own\n"
+        )
+        time.sleep(0.5)
+        assert services.group_members(leader.pid) == left
+        assert not (state / "state.json").exists()
+    finally:
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.component
+def test_a_state_file_that_up_did_not_write_is_refused_and_nothing_signalled(tmp_path, capsys):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    services.make_state_dir(state)
+    document = {"env": {}, "processes": [{"name": "redis", "pid": "abc", "started": 1.0, "log": "r.log"}]}
+    (state / "state.json").write_text(json.dumps(document))
+    assert cli.main(["services", "down", *where(state, env_file)]) == 1
+    assert capsys.readouterr().err == (
+        f"wine-assets: error: process 1 of {state / 'state.json'} is not a record `wine-assets services up` wrote "
+        "(ValueError: invalid literal for int() with base 10: 'abc'): nothing was signalled\n"
+    )
+    (state / "state.json").write_text("{not json")
+    assert cli.main(["services", "status", *where(state, env_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wine-assets: error: {state / 'state.json'} is not a state file") and err.count("\n") == 1
+
+
+# -- purge deletes only the folders the stack made --------------------------------------------------------
+@pytest.mark.unit
+def test_a_state_dir_is_marked_only_when_the_stack_makes_it(tmp_path):
+    made = tmp_path / "new" / "state"
+    services.make_state_dir(made)
+    assert services._not_made_here(made, services.STATE_DIR) is None
+    assert oct((made / services.MARKER).stat().st_mode & 0o777) == "0o600"
+    assert services._not_made_here(tmp_path / "new", services.STATE_DIR) is not None  # parents are not marked
+    (tmp_path / "existing").mkdir()
+    services.make_state_dir(tmp_path / "existing")  # there before: not the stack's
+    assert not (tmp_path / "existing" / services.MARKER).exists()
+
+
+@pytest.mark.unit
+def test_only_a_real_folder_with_the_stacks_own_marker_counts_as_made_by_it(tmp_path):
+    cluster = services.CLUSTER_FOLDER
+    marker = services.MARKER
+    assert services._not_made_here(tmp_path / "missing", cluster) == "it does not exist"
+    (tmp_path / "file").write_text("x")
+    assert services._not_made_here(tmp_path / "file", cluster) == "it is not a folder"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert services._not_made_here(folder, cluster) == (
+        f"it holds no {marker} file, so `wine-assets services` did not make it"
+    )
+    (tmp_path / "marked").mkdir()
+    services._mark_made(tmp_path / "marked", cluster)
+    (folder / marker).symlink_to(tmp_path / "marked" / marker)  # a marker borrowed through a link
+    assert services._not_made_here(folder, cluster).startswith(f"its {marker} cannot be read as a plain file (")
+    (folder / marker).unlink()
+    (folder / marker).mkdir()
+    assert services._not_made_here(folder, cluster) == f"its {marker} cannot be read as a plain file (Is a directory)"
+    (folder / marker).rmdir()
+    os.mkfifo(folder / marker)  # opened without blocking, and never read
+    assert services._not_made_here(folder, cluster) == f"its {marker} is not a regular file"
+    (folder / marker).unlink()
+    (folder / marker).write_text("made by me\n")
+    assert services._not_made_here(folder, cluster) == (
+        f"its {marker} does not say `wine-assets services` made it as a {cluster}"
+    )
+    assert services._not_made_here(tmp_path / "marked", services.STATE_DIR) is not None  # marked as the other kind
+    (tmp_path / "link").symlink_to(tmp_path / "marked")
+    assert services._not_made_here(tmp_path / "link", cluster) == "it is a symbolic link"
+    assert services._not_made_here(tmp_path / "marked", cluster) is None
+    if os.geteuid() == 0:  # only root can give a file to another user
+        os.chown(tmp_path / "marked" / marker, 12345, -1)
+        assert (
+            services._not_made_here(tmp_path / "marked", cluster) == f"its {marker} belongs to another user (uid 12345)"
+        )
+
+
+@pytest.mark.component
+def test_purge_refuses_a_state_dir_it_did_not_make_and_keeps_it_byte_for_byte(tmp_path, capsys):
+    folder, env_file = tmp_path / "notes", tmp_path / "services.env"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("three years of work\n")
+    (folder / "state.json").write_text(json.dumps({"env": {}, "processes": []}))  # it even looks like a state dir
+    env_file.write_text("X=1\n")
+    before = tree_snapshot(folder)
+    assert cli.main(["services", "purge", *where(folder, env_file)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"wine-assets: error: not deleting {folder}: it holds no {services.MARKER} file, so `wine-assets services` "
+        "did not make it; nothing was stopped or deleted (delete it by hand if it holds nothing you need)\n"
+    )
+    assert tree_snapshot(folder) == before and env_file.read_text() == "X=1\n"
+
+
+@pytest.mark.component
+def test_purge_refuses_a_folder_a_hand_edited_postgres_location_names(tmp_path, capsys):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    record(state, [], {})
+    victim = tmp_path / "home"
+    (victim / "data").mkdir(parents=True)
+    (victim / "data" / "photos.txt").write_text("irreplaceable\n")
+    (state / "postgres.location").write_text(str(victim))
+    before = (tree_snapshot(state), tree_snapshot(victim))
+    assert cli.main(["services", "purge", *where(state, env_file)]) == 1
+    assert capsys.readouterr().err == (
+        f"wine-assets: error: not deleting {victim} (named by {state / 'postgres.location'}): it holds no "
+        f"{services.MARKER} file, so `wine-assets services` did not make it; nothing was stopped or deleted\n"
+    )
+    assert (tree_snapshot(state), tree_snapshot(victim)) == before
+    (state / "postgres.location").write_text(str(tmp_path / "link-to-home"))
+    (tmp_path / "link-to-home").symlink_to(victim)
+    assert cli.main(["services", "purge", *where(state, env_file)]) == 1
+    assert "it is a symbolic link; nothing was stopped or deleted" in capsys.readouterr().err
+    assert tree_snapshot(victim) == before[1]
+
+
+@pytest.mark.component
+def test_purge_refuses_a_state_dir_that_is_a_symbolic_link(tmp_path, capsys):
+    real, link, env_file = tmp_path / "real", tmp_path / "link", tmp_path / "services.env"
+    record(real, [], {})
+    link.symlink_to(real)
+    before = tree_snapshot(real)
+    assert cli.main(["services", "purge", *where(link, env_file)]) == 1
+    assert capsys.readouterr().err.startswith(f"wine-assets: error: not deleting {link}: it is a symbolic link;")
+    assert link.is_symlink() and tree_snapshot(real) == before
+
+
+@pytest.mark.component
+def test_purge_removes_symbolic_links_inside_as_links_and_keeps_their_targets(tmp_path, capsys):
+    state, env_file = tmp_path / "state", tmp_path / "services.env"
+    record(state, [], {})
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "keep.txt").write_text("kept\n")
+    (outside / "sub" / "deep.txt").write_text("deep\n")
+    (state / "redis").mkdir()
+    (state / "redis" / "to-folder").symlink_to(outside, target_is_directory=True)
+    (state / "to-file").symlink_to(outside / "keep.txt")
+    cluster = tmp_path / "cluster"  # a cluster folder outside the state dir, as the stack makes one
+    cluster.mkdir()
+    services._mark_made(cluster, services.CLUSTER_FOLDER)
+    (cluster / "data").mkdir()
+    (cluster / "data" / "to-sub").symlink_to(outside / "sub", target_is_directory=True)
+    (state / "postgres.location").write_text(str(cluster))
+    before = tree_snapshot(outside)
+    assert cli.main(["services", "purge", *where(state, env_file)]) == 0
+    assert capsys.readouterr().out == f"services stopped; {state} and the PostgreSQL cluster deleted\n"
+    assert not os.path.lexists(state) and not os.path.lexists(cluster)
+    assert tree_snapshot(outside) == before and (outside / "sub").is_dir()
 
 
 @pytest.mark.integration
@@ -447,7 +695,7 @@ def test_a_celery_worker_not_ready_in_time_is_killed(tmp_path):
 def test_up_stops_the_servers_it_started_when_a_later_one_cannot_start(tmp_path):
     require_programs("postgres")
     state, env_file = tmp_path / "state", tmp_path / "services.env"
-    state.mkdir()
+    services.make_state_dir(state)
     (state / "redis").write_text("a file where Redis' folder belongs\n")
     try:
         with pytest.raises(FileExistsError) as caught:
