@@ -4,9 +4,9 @@
     result = predict(frame)                 # the production model, loaded once per process
     result.predictions                      # predicted_class, predicted_label, probability_<label>...
 
-A bundle is loaded through the registry, which verifies every file's sha256 against the
-manifest before anything is unpickled. Bundles are cached per process by registry folder and
-version; the ``production`` alias is read on every call, so a rollback is picked up.
+A bundle is loaded through the registry, which verifies the manifest's signature and every
+file's sha256 before anything is loaded (and loading runs no code: skops). Bundles are cached
+per process by registry folder and version; the ``production`` alias is read on every call, so a rollback is picked up.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import csv
 import io
 import json
 import logging
+import math
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,69 @@ _CACHE_LOCK = threading.Lock()
 
 class PredictionInputError(ValueError):
     """The input cannot be scored; the message names the column and the row."""
+
+
+# -- what counts as a number: one rule for `wine-assets predict` and `wine-assets serve` --------------
+# A JSON value is a number when JSON says so: an int or a float, never text ("13.2"), true/false or
+# null (pandas and NumPy would quietly turn all three into numbers). A CSV cell is text, so it is a
+# number when it is plain ASCII decimal notation: an optional sign, digits with an optional point,
+# an optional exponent, and spaces around it. float() would also take '1_000', non-ASCII digits,
+# 'nan' and 'inf'; those are refused.
+NUMERAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NOT_FINITE = ("nan", "inf", "infinity")
+
+
+class FeatureValueError(PredictionInputError):
+    """One value that is not a number where a feature belongs; ``reason`` labels the serving metric."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def feature_number(value: Any, column: str, row: int, integers_only: bool = False) -> float:
+    """A JSON value where a feature belongs, as a float; or FeatureValueError naming column and row."""
+    kind = type(value)
+    if kind is float and not integers_only:
+        if math.isfinite(value):
+            return value
+        raise FeatureValueError(f"column '{column}', row {row}: {value!r} is not a finite number", "type")
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            raise FeatureValueError(
+                f"column '{column}', row {row}: {value} is too large for a float", "out_of_bounds"
+            ) from None
+    expected = "an integer (the tensor's datatype is an integer type)" if integers_only else "a number"
+    if value is None:
+        raise FeatureValueError(f"column '{column}', row {row}: the value is missing (null); send {expected}", "null")
+    if kind is bool:
+        raise FeatureValueError(
+            f"column '{column}', row {row}: {json.dumps(value)} is a true/false value, not {expected}", "type"
+        )
+    if kind is str:
+        raise FeatureValueError(
+            f"column '{column}', row {row}: {value[:40]!r} is text, not {expected}; send the number without quotes",
+            "type",
+        )
+    shown = repr(value) if kind is float else {list: "a list", dict: "an object"}.get(kind, type(value).__name__)
+    raise FeatureValueError(f"column '{column}', row {row}: {shown} is not {expected}", "type")
+
+
+def feature_number_from_text(cell: Any, column: str, row: int) -> float:
+    """A CSV cell where a feature belongs, as a float; or FeatureValueError naming column and row."""
+    if not isinstance(cell, str) or not cell.strip():  # pandas gives NaN for the cells a short line lacks
+        raise FeatureValueError(f"column '{column}', row {row}: the value is missing (an empty cell)", "null")
+    cell = cell.strip()
+    if cell.lower().lstrip("+-") in _NOT_FINITE:
+        raise FeatureValueError(f"column '{column}', row {row}: {cell!r} is not a finite number", "type")
+    if not cell.isascii() or not NUMERAL.fullmatch(cell):
+        raise FeatureValueError(f"column '{column}', row {row}: {cell[:40]!r} is not a number", "type")
+    number = float(cell)
+    if not math.isfinite(number):
+        raise FeatureValueError(f"column '{column}', row {row}: {cell[:40]!r} is too large for a float", "type")
+    return number
 
 
 @dataclass(frozen=True)
@@ -200,9 +265,17 @@ def _parse_csv(text: str, source: str) -> pd.DataFrame:
     if repeated:
         raise PredictionInputError(f"the input {_name(source)} has column(s) {', '.join(repeated)} more than once")
     try:
-        return pd.read_csv(io.StringIO(text))
+        # every cell as text: the feature cells are read by the one number rule, not pandas' guesses
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PredictionInputError(f"the input {_name(source)} is not a readable CSV: {exc}") from exc
+    for name in FEATURE_COLUMNS:
+        if name in frame.columns:
+            cells = frame[name].tolist()
+            frame[name] = np.array(
+                [feature_number_from_text(cell, name, row) for row, cell in enumerate(cells)], dtype=np.float64
+            )
+    return frame
 
 
 def _parse_json(text: str, source: str) -> pd.DataFrame:
@@ -216,6 +289,10 @@ def _parse_json(text: str, source: str) -> pd.DataFrame:
         raise PredictionInputError(
             f"the input {_name(source)} must be a JSON list of records (objects keyed by column name)"
         )
+    for row, record in enumerate(records):  # the one number rule; a missing key is left to the schema (null)
+        for name in FEATURE_COLUMNS:
+            if name in record:
+                record[name] = feature_number(record[name], name, row)
     return pd.DataFrame.from_records(records)
 
 

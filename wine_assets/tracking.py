@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from wine_assets import model_format
 from wine_assets.params import Params
 
 
@@ -110,11 +111,12 @@ def log_variant(params: Params, result: Any, model: Any) -> str | None:
                 "fit_seconds": result.fit_seconds,
             }
         )
-        # cloudpickle: MLflow's default (skops) is another dependency; the registry pickles the same way
+        # skops, as the registry stores models: loading the logged model runs no code
         info = mlflow.sklearn.log_model(
             model,
             name="model",
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+            skops_trusted_types=list(model_format.TRUSTED_TYPES),
             registered_model_name=model_name(result.dataset),
         )
         client.set_tag(run.info.run_id, "model_version", str(info.registered_model_version))
