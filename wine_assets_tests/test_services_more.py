@@ -665,17 +665,12 @@ def test_a_celery_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
 
 
 def _processes_with(text: str) -> list[int]:
-    """The live processes whose command line contains text."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pid = int(cmdline.parent.name)
-                if services._start_time(pid) is not None:
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
+    """The live processes (zombies excluded) whose command line contains text."""
+    return [
+        process.pid
+        for process in psutil.process_iter(["cmdline", "status"])
+        if process.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(process.info["cmdline"] or [])
+    ]
 
 
 @pytest.mark.integration
