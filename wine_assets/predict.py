@@ -11,13 +11,13 @@ per process by registry folder and version; the ``production`` alias is read on 
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
 import math
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wine_assets.ingestion import MAX_INPUT_COLUMNS, CsvHeaderError, csv_header
 from wine_assets.params import load_params
 from wine_assets.registry import Bundle, ModelRegistry
 from wine_assets.signing import Trust
@@ -251,17 +252,22 @@ def read_input(source: str, data: bytes | None = None) -> pd.DataFrame:
         raise PredictionInputError(f"the input {_name(source)} is empty")
     if kind is None:
         kind = "json" if text.lstrip()[:1] in "[{" else "csv"
-    return _parse_json(text, source) if kind == "json" else _parse_csv(text, source)
+    if kind == "json":
+        return _parse_json(text, source)
+    try:
+        header = csv_header(data, f"the input {_name(source)}")  # its width, before pandas parses it
+    except CsvHeaderError as exc:
+        raise PredictionInputError(str(exc)) from None
+    return _parse_csv(text, source, header)
 
 
 def _name(source: str) -> str:
     return "on standard input" if source == "-" else source
 
 
-def _parse_csv(text: str, source: str) -> pd.DataFrame:
+def _parse_csv(text: str, source: str, header: list[str]) -> pd.DataFrame:
     # pandas renames a repeated header (alcohol, alcohol.1); a repeated column is an error here.
-    header = next(csv.reader(io.StringIO(text)), [])
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(header).items() if count > 1)
     if repeated:
         raise PredictionInputError(f"the input {_name(source)} has column(s) {', '.join(repeated)} more than once")
     try:
@@ -289,6 +295,14 @@ def _parse_json(text: str, source: str) -> pd.DataFrame:
         raise PredictionInputError(
             f"the input {_name(source)} must be a JSON list of records (objects keyed by column name)"
         )
+    columns: set[str] = set()
+    for record in records:
+        columns.update(record)
+        if len(columns) > MAX_INPUT_COLUMNS:
+            raise PredictionInputError(
+                f"the input {_name(source)}: its records name more than {MAX_INPUT_COLUMNS} columns (at least "
+                f"{len(columns)}); at most {MAX_INPUT_COLUMNS} are read (the wine data has 14)"
+            )
     for row, record in enumerate(records):  # the one number rule; a missing key is left to the schema (null)
         for name in FEATURE_COLUMNS:
             if name in record:
