@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from wine_assets.registry import ModelRegistry
 
@@ -23,6 +24,7 @@ from .support import REPO_ROOT, require_programs, tiny_model_files
 
 pytestmark = pytest.mark.integration
 SCRIPTS = REPO_ROOT / ".github" / "scripts"
+DEPLOYMENT = REPO_ROOT / ".github" / "workflows" / "model-deployment.yml"
 BIN = Path(sys.executable).parent
 
 FAKE_GH = """
@@ -127,6 +129,8 @@ class GitHub:
         gh.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_GH))
         gh.chmod(0o755)
         self.output = root / "github_output"
+        self.temp = root / "runner-temp"  # the runner's temporary folder, outside the checkout
+        self.temp.mkdir()
         self.env = {
             **os.environ,
             "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
@@ -135,6 +139,7 @@ class GitHub:
             "FAKE_GH_ASSETS": str(self.assets),
             "GITHUB_REPOSITORY": "example/wine",
             "GITHUB_OUTPUT": str(self.output),
+            "RUNNER_TEMP": str(self.temp),
             "WINE_ASSETS": str(BIN / "wine-assets"),
             "WINE_ASSETS_PARAMS": str(self.repo / "params.yaml"),
             "RUN_ID": "42",
@@ -145,7 +150,9 @@ class GitHub:
         }
         self.git("init", "-q", "-b", "main")
         (self.repo / "params.yaml").write_text("paths: {artifacts_dir: artifacts, registry_dir: registry}\n")
-        (self.repo / ".gitignore").write_text("registry/\nrestore/\nreleased/\n*.tar.gz\nrelease-notes.md\n")
+        # Only the registry is made in the checkout: whatever else a script writes there shows in
+        # `git status` (see checkout_is_clean).
+        (self.repo / ".gitignore").write_text("registry/\n")
 
     def git(self, *args: str) -> str:
         done = subprocess.run(
@@ -193,6 +200,24 @@ class GitHub:
             text=True,
             timeout=120,
         )
+
+    def run_step(self, name: str, head: str, until: str | None = None) -> subprocess.CompletedProcess:
+        """A `run:` step of the deployment workflow, as bash runs it there (up to ``until``)."""
+        steps = yaml.safe_load(DEPLOYMENT.read_text())["jobs"]["release"]["steps"]
+        script = next(step for step in steps if step.get("name") == name)["run"]
+        if until is not None:
+            script = script.split(until)[0]
+        return subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", script],
+            cwd=self.repo,
+            env={**self.env, "HEAD_SHA": head},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def checkout_is_clean(self) -> bool:
+        return self.git("status", "--porcelain", "--untracked-files=all") == ""
 
     def decision(self) -> str | None:
         lines = [line for line in self.output.read_text().splitlines() if line.startswith("deploy=")]
@@ -294,6 +319,65 @@ def test_publish_creates_the_tag_with_the_release_at_the_deployed_commit(github)
     assert again.returncode == 0, again.stderr
     assert "model-v3 is already released with these model bytes: nothing new" in again.stdout
     assert len(github.releases()) == 2
+    # Downloads, the exported bundle and the notes were all written outside the checkout.
+    assert github.checkout_is_clean()
+    assert (github.temp / "restore" / "wine-classifier-v1.tar.gz").is_file()
+    assert (github.temp / "publish" / "released" / "wine-classifier-v3.tar.gz").is_file()
+
+
+def test_the_scripts_refuse_to_run_without_a_folder_outside_the_checkout(github):
+    head = github.commit("first")
+    del github.env["RUNNER_TEMP"]
+    for script in ("restore-production.sh", "publish-release.sh"):
+        done = github.run(script, head)
+        assert done.returncode != 0 and "RUNNER_TEMP must name a folder outside the checkout" in done.stderr
+    assert github.decision() is None and github.checkout_is_clean()
+
+
+def test_only_a_commit_of_the_main_branch_passes_the_first_check(github):
+    """The workflow's own step: refs/remotes/origin/main is where the checkout keeps the branch."""
+    first = github.commit("first")
+    on_main = github.commit("second")
+    github.git("update-ref", "refs/remotes/origin/main", on_main)
+    name = "Check the commit is on the main branch"
+    for head in (first, on_main):
+        done = github.run_step(name, head)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{head} is on the main branch (at {on_main})" in done.stdout
+    # A tag named main at a commit that is not on the branch: the name matches, the commit does not.
+    github.git("checkout", "-q", "-b", "elsewhere")
+    elsewhere = github.commit("pushed as the tag main")
+    github.git("tag", "main", elsewhere)
+    github.git("checkout", "-q", "main")
+    done = github.run_step(name, elsewhere)
+    assert done.returncode == 1
+    assert f"::error::{elsewhere} is not a commit of the main branch (at {on_main}): not deployed" in done.stdout
+    github.git("update-ref", "-d", "refs/remotes/origin/main")
+    done = github.run_step(name, on_main)  # the tag named main is never taken for the branch
+    assert done.returncode == 1 and "::error::the main branch was not fetched" in done.stdout
+
+
+def test_the_lock_is_compared_with_the_one_the_pipeline_recorded(github):
+    """The install step's check, before `make install`: uv.lock's own hash, not whatever the file lists."""
+    head = github.commit("first")
+    (github.repo / "uv.lock").write_text("the lock\n")
+    recorded = github.temp / "pipeline-artifacts" / "logs" / "uv.lock.sha256"
+    recorded.parent.mkdir(parents=True)
+    github.env["PIPELINE_ARTIFACTS"] = str(github.temp / "pipeline-artifacts")
+    name, until = "Install from the lock the pipeline run used", "make install"
+    recorded.write_text(_sha256sum(github, "uv.lock"))
+    same = github.run_step(name, head, until)
+    assert same.returncode == 0, same.stderr
+    recorded.write_text(_sha256sum(github, ".gitignore"))  # `sha256sum --check` would pass this one
+    assert github.run_step(name, head, until).returncode != 0
+    recorded.write_text(_sha256sum(github, "uv.lock"))
+    (github.repo / "uv.lock").write_text("another lock\n")  # this checkout's lock is not the recorded one
+    assert github.run_step(name, head, until).returncode != 0
+
+
+def _sha256sum(github: GitHub, name: str) -> str:
+    done = subprocess.run(["sha256sum", name], cwd=github.repo, capture_output=True, text=True, check=True)
+    return done.stdout
 
 
 def test_publish_refuses_a_taken_tag_and_a_release_with_other_bytes(github):

@@ -3,9 +3,11 @@
 # already used by a model-v<N> tag or release, and decide whether HEAD_SHA may be deployed.
 #
 # Needs: gh (GH_TOKEN), git with full history and tags, jq, and the project's wine-assets.
-# Env: GITHUB_REPOSITORY, HEAD_SHA; writes deploy=true|false to GITHUB_OUTPUT.
+# Env: GITHUB_REPOSITORY, HEAD_SHA, RUNNER_TEMP (downloads go there, outside the checkout);
+# writes deploy=true|false to GITHUB_OUTPUT.
 set -euo pipefail
 wine_assets=${WINE_ASSETS:-.venv/bin/wine-assets}
+restore="${RUNNER_TEMP:?RUNNER_TEMP must name a folder outside the checkout}/restore"
 
 # Published model-v<N> releases (drafts excluded), highest first, and model-v<N> tags. The list
 # is taken first so that a failing gh stops the script (inside <(...) its failure would not).
@@ -31,9 +33,9 @@ for number in "${released[@]}"; do
     echo "::warning::release model-v${number} has no bundle (.tar.gz): skipped"
     continue
   fi
-  rm -rf restore && mkdir restore
-  gh release download "model-v${number}" --repo "$GITHUB_REPOSITORY" --pattern "*.tar.gz" --dir restore
-  for bundle in restore/*.tar.gz; do "$wine_assets" registry import "$bundle" --production; done
+  rm -rf "$restore" && mkdir "$restore"
+  gh release download "model-v${number}" --repo "$GITHUB_REPOSITORY" --pattern "*.tar.gz" --dir "$restore"
+  for bundle in "$restore"/*.tar.gz; do "$wine_assets" registry import "$bundle" --production; done
   production=$number
   break
 done
