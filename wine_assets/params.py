@@ -54,8 +54,8 @@ class ParamsError(ValueError):
 # aliases each stand for 10^9 values (the "billion laughs" document): small to read, but every
 # walk over the result (validation, writing the hyperparameters out) expands it. A params file
 # needs no alias. A few are allowed for a reader who shares a block; with at most 8, what the
-# document stands for is at most 18 times its own size (8 aliases spread over nested anchors
-# multiply at most 3 x 3 x 2), so memory and time stay bounded by the file's size.
+# document stands for is at most 19 times its own size (8 aliases spread over nested anchors
+# repeat a part at most 3 x 3 x 2 = 18 more times), so memory and time stay bounded by the file's.
 MAX_YAML_ALIASES = 8
 
 
