@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from wine_assets.params import ParamsError, load_yaml
 from wine_assets.registry import METRICS_FILE, PARAMS_FILE, ModelRegistry, RegistryError
 
 PRODUCTION = "production"
@@ -60,15 +59,19 @@ def load_baseline(spec: str, registry: ModelRegistry | Path) -> Baseline | None:
             return None
         try:
             metrics = json.loads(registry.read_file(version, METRICS_FILE))
-            params = yaml.safe_load(registry.read_file(version, PARAMS_FILE))
-        except RegistryError as exc:
+            params = load_yaml(registry.read_file(version, PARAMS_FILE).decode("utf-8"), f"v{version}/{PARAMS_FILE}")
+        except (RegistryError, ParamsError, UnicodeDecodeError) as exc:
             raise ReportError(f"the production model v{version} cannot serve as baseline: {exc}") from exc
         return Baseline(f"production v{version}", metrics, params)
     path = Path(spec)
     metrics = read_json(path, "baseline metrics")
     params = metrics.get("params")
-    if params is None and (path.parent / "params.yaml").is_file():
-        params = yaml.safe_load((path.parent / "params.yaml").read_text(encoding="utf-8"))
+    beside = path.parent / "params.yaml"
+    if params is None and beside.is_file():
+        try:
+            params = load_yaml(beside.read_text(encoding="utf-8"), str(beside))
+        except (ParamsError, UnicodeDecodeError) as exc:
+            raise ReportError(f"the baseline's params {beside} cannot be read: {exc}") from exc
     return Baseline(str(path), metrics, params)
 
 

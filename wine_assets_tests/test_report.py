@@ -114,6 +114,14 @@ def test_broken_baselines_are_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ReportError, match="is not a JSON object"):
         load_baseline(str(tmp_path / "bad.json"), tmp_path)
+    (tmp_path / "metrics.json").write_text('{"accuracy": 0.9}')
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{name}: &{name} [*{previous}, *{previous}, *{previous}]\n"
+        for previous, name in zip("abcdefg", "bcdefgh", strict=True)
+    )
+    (tmp_path / "params.yaml").write_text(laughs)
+    with pytest.raises(ReportError, match=r"the baseline's params .*params.yaml cannot be read: .*YAML aliases"):
+        load_baseline(str(tmp_path / "metrics.json"), tmp_path)
 
 
 @pytest.mark.unit
