@@ -428,6 +428,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError("--workers: at most 64", EXIT_BAD_INPUT)
     if args.graceful_seconds < 0:
         raise CliError("--graceful-seconds: 0 or more", EXIT_BAD_INPUT)
+    from wine_assets.serving.access import TokenConfigError, Tokens
+
+    try:  # once here, so bad tokens are one message, not a worker failing at start-up over and over
+        Tokens.from_settings(settings)
+    except TokenConfigError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     try:
         server.run(
             params,
@@ -440,6 +446,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except server.ServeError as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     return EXIT_OK
+
+
+def cmd_serving_token_new(args: argparse.Namespace) -> int:
+    """A fresh token, shown once, and the serving.tokens entry (its hash) that makes the server accept it."""
+    from pydantic import ValidationError
+
+    from wine_assets.params import ServingToken
+    from wine_assets.serving.access import TOKENS_ENV, hash_token, new_token, params_entry
+
+    scopes = list(dict.fromkeys(args.scope or ["feedback"]))
+    token = new_token()
+    try:
+        ServingToken(name=args.name, sha256=hash_token(token), scopes=scopes)
+    except ValidationError:
+        raise CliError(
+            f"--name {args.name!r}: use 1 to 64 letters, digits and . _ @ - (starting with a letter or digit)",
+            EXIT_BAD_INPUT,
+        ) from None
+    _out("token (shown this once; keep it secret, send it as 'Authorization: Bearer <token>'):")
+    _out(token)
+    _out(f"add this entry to serving.tokens in params.yaml (or to the list in {TOKENS_ENV}), then restart:")
+    _out(params_entry(args.name, token, scopes))
+    return EXIT_OK
+
+
+def _add_serving_token_commands(serving_commands: argparse._SubParsersAction) -> None:
+    token = serving_commands.add_parser(
+        "token", help='bearer tokens that may write to the server (README "Who may write to the server")'
+    )
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    new = token_commands.add_parser(
+        "new",
+        help="print a fresh random token once, and the serving.tokens entry (its sha256) to configure",
+        description=(
+            "Make a token (32 random bytes, URL-safe base64) and print it once with the params entry that holds "
+            "its SHA-256. Only the hash is configured; the token is not stored anywhere."
+        ),
+    )
+    new.add_argument("--name", required=True, help="who holds the token (recorded with each label it sends)")
+    new.add_argument(
+        "--scope",
+        action="append",
+        choices=("feedback", "predict"),
+        help="feedback (POST /feedback, the default) or predict (scoring, with serving.require_auth_for_predictions);"
+        " repeat for both",
+    )
+    new.set_defaults(handler=cmd_serving_token_new)
 
 
 def cmd_serving_report(args: argparse.Namespace) -> int:
@@ -735,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(handler=cmd_serve)
 
-    serving = commands.add_parser("serving", help="about the running service: the A/B report")
+    serving = commands.add_parser("serving", help="about the running service: the A/B report, its tokens")
     serving_commands = serving.add_subparsers(dest="serving_command", metavar="ACTION", required=True)
     serving_report = serving_commands.add_parser(
         "report",
@@ -752,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving_report.add_argument("--alpha", type=_share, default=0.05, help="significance level (default: 0.05)")
     serving_report.add_argument("--json", action="store_true", help="print the report as JSON")
     serving_report.set_defaults(handler=cmd_serving_report)
+    _add_serving_token_commands(serving_commands)
 
     experiment = commands.add_parser(
         "experiment", help="model variants on datasets: run the grid, show results, release a winner"

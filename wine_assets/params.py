@@ -248,6 +248,25 @@ class RegistryParams(_Section):
     )
 
 
+TOKEN_SCOPES = ("feedback", "predict")  # what a serving token may do (README "Who may write to the server")
+
+
+class ServingToken(_Section):
+    """A bearer token of the serving API, as its SHA-256: the token itself is never stored."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")] = Field(
+        description="who holds the token; recorded with every label it sends"
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="the hex SHA-256 of the token (wine-assets serving token new prints it)"
+    )
+    scopes: list[Literal[TOKEN_SCOPES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["feedback"],
+        min_length=1,
+        description="feedback: POST /feedback; predict: scoring, when serving.require_auth_for_predictions",
+    )
+
+
 class ServingParams(_Section):
     host: Text = Field("127.0.0.1", description="address wine-assets serve binds to")
     port: Count = Field(8080, ge=1, le=65535, description="port wine-assets serve listens on")
@@ -268,6 +287,38 @@ class ServingParams(_Section):
         "split", description="split: the candidate answers its share; shadow: it scores every request, silently"
     )
     min_labelled: Count = Field(30, ge=1, description="labelled predictions per variant before the report decides")
+
+    tokens: list[ServingToken] = Field(
+        default_factory=list,
+        description="bearer tokens as {name, sha256, scopes}; none: /feedback is refused (README Security)",
+    )
+    require_auth_for_predictions: bool = Field(
+        False, description="true: scoring endpoints need a token with the predict scope too"
+    )
+    allowed_hosts: list[Text] | None = Field(
+        None, description="Host header values served (400 otherwise); null: serving.host, localhost, 127.0.0.1"
+    )
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_named_once(cls, value: list[ServingToken]) -> list[ServingToken]:
+        names = [token.name for token in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"token name(s) {', '.join(repeated)} appear more than once")
+        hashes = [token.sha256 for token in value]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("the same sha256 appears under two names: make a token per holder")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: list[str] | None) -> list[str] | None:
+        # Starlette's TrustedHostMiddleware takes exact names, '*.example.com' and '*' (anything)
+        for pattern in value or []:
+            if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+                raise ValueError(f"{pattern!r}: a wildcard is only allowed as '*.example.com' or '*'")
+        return value
 
     @model_validator(mode="after")
     def _experiment_needs_a_candidate(self) -> ServingParams:

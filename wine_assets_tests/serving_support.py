@@ -18,12 +18,36 @@ from wine_assets.ingestion import load_builtin_frame
 from wine_assets.params import ModelParams
 from wine_assets.predict import clear_cache, predict
 from wine_assets.registry import REFERENCE_FILE, ModelRegistry
+from wine_assets.serving.access import hash_token, new_token
 from wine_assets.training import train_model
 from wine_assets.validation import FEATURE_COLUMNS
 
 with warnings.catch_warnings():  # Starlette asks for httpx2 in its test client; httpx is what the project has
     warnings.simplefilter("ignore", UserWarning)
-    from starlette.testclient import TestClient  # noqa: F401 (the serving tests' in-process client)
+    from starlette.testclient import TestClient as _StarletteTestClient
+
+
+class TestClient(_StarletteTestClient):
+    """The serving tests' in-process client. It sends ``Host: localhost``, as a local client does
+    (Starlette's default, ``testserver``, is not in the server's default serving.allowed_hosts)."""
+
+    __test__ = False  # not a test class, whatever pytest's name rule says
+
+    def __init__(self, app, base_url: str = "http://localhost", **kwargs) -> None:
+        super().__init__(app, base_url=base_url, **kwargs)
+
+
+# A labeller's token, made afresh for each test process (no token is kept in a file), and the
+# serving.tokens entry (its hash) that lets it send feedback.
+FEEDBACK_TOKEN = new_token()
+LABELLER = "labeller"
+FEEDBACK_TOKENS = [{"name": LABELLER, "sha256": hash_token(FEEDBACK_TOKEN), "scopes": ["feedback"]}]
+
+
+def bearer(token: str = FEEDBACK_TOKEN) -> dict[str, str]:
+    """The Authorization header that shows ``token`` (by default the labeller's, for /feedback)."""
+    return {"Authorization": f"Bearer {token}"}
+
 
 MODEL = "/v2/models/wine-classifier"
 PROBABILITIES = ["probability_class_0", "probability_class_1", "probability_class_2"]

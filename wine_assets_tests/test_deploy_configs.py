@@ -261,7 +261,7 @@ def test_the_dashboard_has_the_panels_and_uses_the_provisioned_datasource():
     ):
         assert words in titles
     worker = next(panel for panel in panels if panel["title"] == "Model version per worker")
-    assert any("{{pid}}" in target["legendFormat"] for target in worker["targets"])
+    assert any("{{worker}}" in target["legendFormat"] for target in worker["targets"])
 
     datasources = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")["datasources"]
     assert datasources == [

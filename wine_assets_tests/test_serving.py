@@ -26,12 +26,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 
 from wine_assets.validation import FEATURE_COLUMNS
 
-from .serving_support import ROW, Versions, metric_value, publish
+from .serving_support import FEEDBACK_TOKENS, ROW, Versions, bearer, metric_value, publish
 from .support import BIN, free_port, require_programs, run_program, start_in_group, stop_group
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,7 @@ class Server:
 
 def start_server(folder: Path, workers: int = 1, wait_ready: bool = True, **serving) -> Server:
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"reload_interval_seconds": POLL, "log_path": "predictions.sqlite", **serving}
+    settings = {"reload_interval_seconds": POLL, "log_path": "predictions.sqlite", "tokens": FEEDBACK_TOKENS, **serving}
     (folder / "params.yaml").write_text(yaml.safe_dump({"paths": {"registry_dir": "registry"}, "serving": settings}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -82,7 +83,7 @@ def start_server(folder: Path, workers: int = 1, wait_ready: bool = True, **serv
             while wait_ready and sum(ready_workers(server.metrics()).values()) < workers:  # every worker, not one
                 assert time.monotonic() < deadline, server.log.read_text()[-3000:]
                 time.sleep(0.1)
-            if all(_in_group(int(pid), process.pid) for pid in ready_workers(server.metrics())):
+            if _listening_in_group(port, process.pid):
                 return server
         except AssertionError:
             if attempt == 2 or "address already in use" not in server.log.read_text():
@@ -93,6 +94,27 @@ def start_server(folder: Path, workers: int = 1, wait_ready: bool = True, **serv
             raise
         stop_group(process)
     raise AssertionError(f"no free port could be kept for the server:\n{server.log.read_text()[-2000:]}")
+
+
+def _listening_in_group(port: int, group: int) -> bool:
+    """Whether the socket listening on ``port`` is held by a process of ``group`` (ours, not the server
+    of another xdist worker; /metrics names workers by index, so it cannot tell)."""
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return _in_group(connection.pid, group)
+    return False
+
+
+def worker_pids(server: Server) -> set[int]:
+    """The uvicorn worker processes of ``server`` (spawned children; not multiprocessing's helpers)."""
+    found = set()
+    for child in psutil.Process(server.process.pid).children():
+        try:  # a worker that just died is a zombie until uvicorn reaps it: not a worker any more
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _in_group(pid: int, group: int) -> bool:
@@ -118,7 +140,7 @@ def wait_for(server: Server, path: str, timeout: float, status: int = 200) -> No
 
 def ready_workers(text: str) -> dict[str, float]:
     return {
-        re.search(r'pid="(\d+)"', line).group(1): float(line.rsplit(" ", 1)[1])
+        re.search(r'worker="(\d+)"', line).group(1): float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith("wine_serving_model_ready{")
     }
@@ -128,8 +150,8 @@ def worker_versions(text: str, role: str = "production") -> dict[str, float]:
     versions = {}
     for line in text.splitlines():
         if line.startswith("wine_serving_model_version{") and f'role="{role}"' in line:
-            pid = re.search(r'pid="(\d+)"', line).group(1)
-            versions[pid] = float(line.rsplit(" ", 1)[1])
+            worker = re.search(r'worker="(\d+)"', line).group(1)
+            versions[worker] = float(line.rsplit(" ", 1)[1])
     return versions
 
 
@@ -200,8 +222,9 @@ def test_metrics_count_requests_predictions_and_workers(server):
     )
     assert metric_value(text, "wine_serving_request_duration_seconds_count", endpoint="/invocations") >= 10
     assert "wine_serving_requests_in_flight" in text
-    assert sorted(worker_versions(text).values()) == [1.0, 1.0]  # both workers, each with its own pid
-    assert sorted(ready_workers(text).values()) == [1.0, 1.0]
+    assert worker_versions(text) == {"0": 1.0, "1": 1.0}  # both workers, by index
+    assert ready_workers(text) == {"0": 1.0, "1": 1.0}
+    assert 'pid="' not in text  # process ids are not shown
 
 
 @SHARED
@@ -319,7 +342,11 @@ def test_feedback_sent_to_both_workers_at_once_is_recorded_and_counted_once(serv
     def send(index: int) -> None:
         for _ in range(2):  # each label twice, each on a connection of its own
             with server.client() as client:
-                answers.append(client.post("/feedback", json={"prediction_id": ids[index], "true_class": truth[index]}))
+                answers.append(
+                    client.post(
+                        "/feedback", json={"prediction_id": ids[index], "true_class": truth[index]}, headers=bearer()
+                    )
+                )
 
     threads = [threading.Thread(target=send, args=(index,)) for index in range(len(ids))]
     for thread in threads:
@@ -391,18 +418,22 @@ def test_a_release_under_load_fails_no_request_and_every_worker_moves(server, ve
 @SHARED
 def test_a_killed_worker_is_replaced_and_its_gauges_go_with_it(server):
     before = ready_workers(server.metrics())
-    assert len(before) == 2, before
-    victim = sorted(before)[0]
-    os.kill(int(victim), signal.SIGKILL)
+    assert before == {"0": 1.0, "1": 1.0}, before
+    workers = worker_pids(server)
+    assert len(workers) == 2, workers
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while True:
-        now = ready_workers(server.metrics())
-        if victim not in now and len(now) == 2 and sum(now.values()) == 2:
+        now, replaced = ready_workers(server.metrics()), worker_pids(server)
+        if victim not in replaced and len(replaced) == 2 and now == {"0": 1.0, "1": 1.0}:
             break
-        assert time.monotonic() < deadline, (now, server.log.read_text()[-2000:])
+        assert time.monotonic() < deadline, (now, replaced, server.log.read_text()[-2000:])
         time.sleep(0.2)
-    assert victim not in worker_versions(server.metrics())
-    assert all(_in_group(int(pid), server.process.pid) for pid in now)  # the replacement is uvicorn's
+    # the replacement took the dead worker's index; the dead worker's gauges are gone, not doubled
+    text = server.metrics()
+    assert sorted(worker_versions(text)) == ["0", "1"] and 'pid="' not in text
+    assert all(_in_group(pid, server.process.pid) for pid in replaced)  # the replacement is uvicorn's
     with server.client() as client:
         assert client.post("/invocations", json={"instances": [ROW]}).status_code == 200
 

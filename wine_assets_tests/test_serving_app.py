@@ -29,11 +29,13 @@ from wine_assets.serving.state import assign
 from wine_assets.validation import FEATURE_COLUMNS
 
 from .serving_support import (
+    FEEDBACK_TOKENS,
     MODEL,
     PROBABILITIES,
     RECORD,
     ROW,
     TestClient,
+    bearer,
     check_headers,
     expected_predictions,
     metric_value,
@@ -86,7 +88,7 @@ def serving_app(folder: Path, **serving) -> Iterator[App]:
     """``create_app`` for a params.yaml in ``folder`` (registry/ and predictions.sqlite beside it), as a
     worker of `wine-assets serve` builds it, with the lifespan (watcher, log) running until exit."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"reload_interval_seconds": POLL, "log_path": "predictions.sqlite", **serving}
+    settings = {"reload_interval_seconds": POLL, "log_path": "predictions.sqlite", "tokens": FEEDBACK_TOKENS, **serving}
     (folder / "params.yaml").write_text(yaml.safe_dump({"paths": {"registry_dir": "registry"}, "serving": settings}))
     package_logger = logging.getLogger("wine_assets")
     saved = (list(package_logger.handlers), package_logger.propagate, package_logger.level)
@@ -531,7 +533,7 @@ BAD_REQUESTS = [
         "feedback unknown id",
         "POST",
         "/feedback",
-        JSON_TYPE,
+        {**JSON_TYPE, **bearer()},
         {"prediction_id": "nope-0", "true_class": 1},
         404,
         "RESOURCE_DOES_NOT_EXIST",
@@ -577,7 +579,16 @@ BAD_REQUESTS = [
         "BAD_REQUEST",
         "more than two dimensions",
     ),
-    ("feedback shape", "POST", "/feedback", JSON_TYPE, {"id": "x"}, 400, "BAD_REQUEST", "prediction_id"),
+    (
+        "feedback shape",
+        "POST",
+        "/feedback",
+        {**JSON_TYPE, **bearer()},
+        {"id": "x"},
+        400,
+        "BAD_REQUEST",
+        "prediction_id",
+    ),
 ]
 
 
@@ -609,7 +620,11 @@ def test_concurrent_and_repeated_feedback_is_recorded_and_counted_once(app, wine
 
     def send(index: int) -> None:
         for _ in range(2):  # each label twice: the second is answered, not counted again
-            answers.append(app.client.post("/feedback", json={"prediction_id": ids[index], "true_class": truth[index]}))
+            answers.append(
+                app.client.post(
+                    "/feedback", json={"prediction_id": ids[index], "true_class": truth[index]}, headers=bearer()
+                )
+            )
 
     threads = [threading.Thread(target=send, args=(index,)) for index in range(len(ids))]
     for thread in threads:
@@ -632,7 +647,9 @@ def test_concurrent_and_repeated_feedback_is_recorded_and_counted_once(app, wine
 
 def test_a_bad_feedback_class_names_the_classes(app):
     prediction = app.client.post("/invocations", json={"instances": [ROW]}).json()["predictions"][0]
-    response = app.client.post("/feedback", json={"prediction_id": prediction["prediction_id"], "true_class": 7})
+    response = app.client.post(
+        "/feedback", json={"prediction_id": prediction["prediction_id"], "true_class": 7}, headers=bearer()
+    )
     assert response.status_code == 400
     assert "true_class 7 is not a class of this model: use one of [0, 1, 2]" in response.json()["message"]
 
@@ -769,10 +786,14 @@ def test_feedback_moves_the_metrics_and_the_report(split_app, wines, wine_assets
         response = client.post("/invocations", json=body, headers={"X-Routing-Key": f"wine-{row}"}).json()
         answered.append((row, response["variant"], response["predictions"][0]))
     for row, _, prediction in answered:
-        sent = client.post("/feedback", json={"prediction_id": prediction["prediction_id"], "true_class": truth[row]})
+        sent = client.post(
+            "/feedback", json={"prediction_id": prediction["prediction_id"], "true_class": truth[row]}, headers=bearer()
+        )
         assert sent.status_code == 200, sent.text
     again = client.post(
-        "/feedback", json={"prediction_id": answered[0][2]["prediction_id"], "true_class": (truth[0] + 1) % 3}
+        "/feedback",
+        json={"prediction_id": answered[0][2]["prediction_id"], "true_class": (truth[0] + 1) % 3},
+        headers=bearer(),
     )
     assert again.status_code == 409 and "already has the true class" in again.json()["message"]
     after = split_app.metrics()

@@ -21,11 +21,13 @@ from wine_assets.serving.log import PredictionLog, PredictionRow
 from wine_assets.validation import FEATURE_COLUMNS
 
 from .serving_support import (
+    FEEDBACK_TOKENS,
     MODEL,
     PROBABILITIES,
     RECORD,
     ROW,
     TestClient,
+    bearer,
     check_headers,
     expected_predictions,
     metric_value,
@@ -50,7 +52,7 @@ def serve(
 
     @contextlib.contextmanager
     def start(raise_server_exceptions: bool = True, **serving) -> Iterator[TestClient]:
-        params_file = write_params(serving={"reload_interval_seconds": POLL, **serving})
+        params_file = write_params(serving={"reload_interval_seconds": POLL, "tokens": FEEDBACK_TOKENS, **serving})
         app = create_app(load_params(params_file))
         with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
             yield client
@@ -83,7 +85,7 @@ def test_without_a_prediction_log_answers_are_served_and_feedback_is_refused(tmp
         wait_until(lambda: client.get("/ping").status_code == 200, "v1 loaded")
         answer = client.post("/invocations", json={"dataframe_records": records})
         ids = [prediction["prediction_id"] for prediction in answer.json()["predictions"]]
-        refused = client.post("/feedback", json={"prediction_id": ids[0], "true_class": 0})
+        refused = client.post("/feedback", json={"prediction_id": ids[0], "true_class": 0}, headers=bearer())
     assert answer.status_code == 200
     check_headers(answer)
     body = answer.json()
@@ -103,7 +105,7 @@ def test_before_the_first_release_pinned_inference_and_feedback_say_not_ready(tm
     infer = {"inputs": [{"name": "x", "shape": [1, 13], "datatype": "FP64", "data": ROW}]}
     with serve(log_path="predictions.sqlite") as client:
         pinned = client.post(f"{MODEL}/versions/1/infer", json=infer)
-        feedback = client.post("/feedback", json={"prediction_id": "old-1", "true_class": 1})
+        feedback = client.post("/feedback", json={"prediction_id": "old-1", "true_class": 1}, headers=bearer())
     assert pinned.status_code == 503
     assert pinned.headers["retry-after"] == "1"
     assert pinned.json()["error_code"] == "MODEL_NOT_READY"
@@ -118,7 +120,7 @@ def test_before_the_first_release_pinned_inference_and_feedback_say_not_ready(tm
 def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(tmp_path, serve):
     chunks = (b" " * 1024 for _ in range(65))  # 65 KiB with no Content-Length: only counting can tell
     with serve(log_path="predictions.sqlite") as client:
-        refused = client.post("/feedback", content=chunks, headers={"content-type": "application/json"})
+        refused = client.post("/feedback", content=chunks, headers={"content-type": "application/json", **bearer()})
     assert refused.status_code == 413
     assert refused.json()["error_code"] == "REQUEST_TOO_LARGE"
     assert refused.json()["message"] == "the body exceeds 65536 bytes (serving.max_body_bytes): split the request"
@@ -129,9 +131,9 @@ def test_feedback_for_a_version_no_longer_in_the_registry_uses_the_production_cl
     log_predictions(tmp_path / "predictions.sqlite", PredictionRow("old-1", "r", "spring", "candidate", 99, 1))
     with serve(log_path="predictions.sqlite") as client:
         wait_until(lambda: client.get("/ping").status_code == 200, "v1 loaded")
-        by_label = client.post("/feedback", json={"prediction_id": "old-1", "true_class": "class_2"})
-        again = client.post("/feedback", json={"prediction_id": "old-1", "true_class": 2})
-        unknown = client.post("/feedback", json={"prediction_id": "old-1", "true_class": "class_9"})
+        by_label = client.post("/feedback", json={"prediction_id": "old-1", "true_class": "class_2"}, headers=bearer())
+        again = client.post("/feedback", json={"prediction_id": "old-1", "true_class": 2}, headers=bearer())
+        unknown = client.post("/feedback", json={"prediction_id": "old-1", "true_class": "class_9"}, headers=bearer())
     assert by_label.status_code == 200, by_label.text
     assert by_label.json() == {
         "prediction_id": "old-1",
@@ -154,7 +156,7 @@ def test_a_corrupt_prediction_log_is_a_json_500_naming_the_request(tmp_path, ser
         logging.getLogger("wine_assets").addHandler(caplog.handler)
         log_file.write_bytes(b"not a SQLite database\n" * 50)  # the log replaced under the running server
         failed = client.post(
-            "/feedback", json={"prediction_id": "p-1", "true_class": 0}, headers={"X-Request-ID": "req-500"}
+            "/feedback", json={"prediction_id": "p-1", "true_class": 0}, headers={"X-Request-ID": "req-500", **bearer()}
         )
         still_live = client.get("/v2/health/live")
     assert failed.status_code == 500
@@ -177,7 +179,9 @@ def test_feedback_on_a_shadowed_prediction_is_counted_for_the_shadow_too(tmp_pat
         wait_until(lambda: client.get("/version").json()["candidate_version"] == 2, "v1 and the v2 shadow loaded")
         before = client.get("/metrics").text
         answer = client.post("/invocations", json={"dataframe_records": [RECORD]}).json()["predictions"][0]
-        feedback = client.post("/feedback", json={"prediction_id": answer["prediction_id"], "true_class": shadow_class})
+        feedback = client.post(
+            "/feedback", json={"prediction_id": answer["prediction_id"], "true_class": shadow_class}, headers=bearer()
+        )
         after = client.get("/metrics").text
     assert feedback.status_code == 200, feedback.text
     assert feedback.json()["variant"] == "production" and feedback.json()["model_version"] == 1

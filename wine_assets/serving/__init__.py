@@ -8,6 +8,7 @@ One module per concern, each a plain, tested part; ``app`` is the thin FastAPI l
 * ``state``: the models one worker serves, the production alias watcher, the A/B routing;
 * ``log``: the append-only prediction and feedback log (SQLite, written off the request path);
 * ``metrics``: Prometheus metrics, multiprocess-safe across uvicorn workers;
+* ``access``: who may call what (bearer tokens, stored as hashes) and the ``Host`` allow-list;
 * ``report``: online accuracy per variant, intervals and significance tests;
 * ``server``: process set-up and uvicorn.
 """

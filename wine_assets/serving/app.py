@@ -9,7 +9,8 @@ Endpoints (README "Serving" has examples):
 
 Every response carries ``X-Request-ID`` (the client's, when it sent a usable one) and
 ``X-Model-Version``. Every error is a JSON body ``{"error_code", "message", "error"}``: 400
-for anything wrong in the request, 404, 405, 413, 415, and 503 with ``Retry-After`` until a
+for anything wrong in the request (a ``Host`` not allowed included), 401/403 for a missing or
+insufficient token (``access``), 404, 405, 413, 415, and 503 with ``Retry-After`` until a
 model is ready. Request bodies are read and checked here, never by FastAPI's validation
 (which would answer 422 and accept ``"13.2"`` where a number belongs).
 """
@@ -29,8 +30,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -41,7 +43,7 @@ from starlette.responses import Response
 from wine_assets import __name__ as package_name
 from wine_assets.params import Params, load_params
 from wine_assets.registry import MODEL_NAME, InvalidVersion, RegistryError, VersionNotFound
-from wine_assets.serving import inputs, metrics
+from wine_assets.serving import access, inputs, metrics
 from wine_assets.serving.forest import ServedModel
 from wine_assets.serving.log import PredictionLog, PredictionRow, connect, find_prediction, record_feedback
 from wine_assets.serving.state import PINNED, ServingState
@@ -206,6 +208,7 @@ class Service:
         self.state = ServingState(
             params.registry_dir, params.serving, trust=Trust.from_config(params.registry.trusted_keys)
         )
+        self.tokens = access.Tokens.from_settings(params.serving)
         self.log_path = params.serving_log_path
         self.log: PredictionLog | None = None
         self._reader: sqlite3.Connection | None = None
@@ -215,6 +218,7 @@ class Service:
     def start(self) -> None:
         if self.log_path is not None:
             self.log = PredictionLog(self.log_path, on_error=metrics.LOG_DROPPED.inc)
+        metrics.claim_worker_index()  # before the first live gauge is set: /metrics labels it by this index
         self.state.start()
 
     def stop(self) -> None:
@@ -228,9 +232,9 @@ class Service:
         with self._reader_lock:
             return find_prediction(self._connection(), prediction_id)
 
-    def record_feedback(self, prediction_id: str, true_class: int) -> tuple[int, bool]:
+    def record_feedback(self, prediction_id: str, true_class: int, labelled_by: str) -> tuple[int, bool]:
         with self._reader_lock:
-            return record_feedback(self._connection(), prediction_id, true_class)
+            return record_feedback(self._connection(), prediction_id, true_class, labelled_by)
 
     def _connection(self) -> sqlite3.Connection:
         # one connection for the feedback handlers of this worker, used under _reader_lock
@@ -476,7 +480,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
 
     @app.exception_handler(inputs.RequestError)
     async def _request_error(_: Request, error: inputs.RequestError) -> Response:
-        if error.reason not in ("not_ready", "not_found", "unavailable", "client_disconnected"):
+        if error.reason not in ("not_ready", "not_found", "unavailable", "client_disconnected", "unauthorized"):
             metrics.REJECTED_ROWS.labels(error.reason).inc(max(error.rows, 1))
         return error_response(error)
 
@@ -543,10 +547,22 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
             }
         )
 
+    # The scheme documents the Authorization header in /openapi.json; the handlers check it themselves.
+    bearer = [Security(HTTPBearer(auto_error=False, description="a token from `wine-assets serving token new`"))]
+    scoring_security = bearer if settings.require_auth_for_predictions else None
+
+    def authorize_scoring(request: Request) -> None:
+        if settings.require_auth_for_predictions:
+            service.tokens.authorize(request.headers.get("authorization"), "predict")
+
     @app.post(
-        "/invocations", summary="score rows (MLflow's four JSON shapes, or text/csv)", openapi_extra=INVOCATIONS_BODY
+        "/invocations",
+        summary="score rows (MLflow's four JSON shapes, or text/csv)",
+        openapi_extra=INVOCATIONS_BODY,
+        dependencies=scoring_security,
     )
     async def invocations(request: Request) -> Response:
+        authorize_scoring(request)
         model, variant, shadow = service.model_for(request, None)
         content_type = request.headers.get("content-type")
         if inputs.media_type(content_type) not in (JSON, "text/csv"):
@@ -607,6 +623,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         return json_response({"name": name, "version": str(served.version), "ready": True})
 
     async def infer(request: Request, name: str, version: str | None) -> Response:
+        authorize_scoring(request)
         model_name(name)
         if version is not None:
             if not service.state.ready:
@@ -659,12 +676,16 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         "/v2/models/{name}/infer",
         summary="score rows with the production model (or the A/B variant)",
         openapi_extra=INFER_BODY,
+        dependencies=scoring_security,
     )
     async def infer_production(request: Request, name: ModelName) -> Response:
         return await infer(request, name, None)
 
     @app.post(
-        "/v2/models/{name}/versions/{version}/infer", summary="score rows with one version", openapi_extra=INFER_BODY
+        "/v2/models/{name}/versions/{version}/infer",
+        summary="score rows with one version",
+        openapi_extra=INFER_BODY,
+        dependencies=scoring_security,
     )
     async def infer_version(request: Request, name: ModelName, version: Version) -> Response:
         return await infer(request, name, version)
@@ -672,10 +693,12 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
     # -- feedback and metrics ----------------------------------------------------------------
     @app.post(
         "/feedback",
-        summary="the true class of an earlier prediction, by its prediction_id",
+        summary="the true class of an earlier prediction, by its prediction_id (a token with scope feedback)",
         openapi_extra=FEEDBACK_BODY,
+        dependencies=bearer,
     )
     async def feedback(request: Request) -> Response:
+        caller = service.tokens.authorize(request.headers.get("authorization"), "feedback")
         content_type = request.headers.get("content-type")
         if inputs.media_type(content_type) != JSON:
             raise inputs.unsupported_media_type(content_type, (JSON,))
@@ -703,7 +726,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
                 reason="not_found",
             )
         true_class = _class_value(service, found.model_version, label)
-        stored, inserted = await run_in_threadpool(service.record_feedback, prediction_id, true_class)
+        stored, inserted = await run_in_threadpool(service.record_feedback, prediction_id, true_class, caller.name)
         if stored != true_class:
             raise inputs.RequestError(
                 409,
@@ -732,7 +755,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         content, media = metrics.exposition()
         return Response(content, media_type=media)
 
-    return ServingMiddleware(app, service.state)
+    return ServingMiddleware(access.AllowedHosts(app, access.allowed_hosts(settings)), service.state)
 
 
 def _parse_infer_body(body: bytes, max_rows: int) -> inputs.InferRequest:

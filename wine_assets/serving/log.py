@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT PRIMARY KEY,
     true_class INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    labelled_by TEXT
 );
 """
 
@@ -60,7 +61,20 @@ def connect(path: Path, timeout: float = 10.0) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     connection.executescript(SCHEMA)
+    _add_labelled_by(connection)
     return connection
+
+
+def _add_labelled_by(connection: sqlite3.Connection) -> None:
+    """A log from before labels named their token's holder gets the column (its old rows: null)."""
+    columns = [row[1] for row in connection.execute("PRAGMA table_info(feedback)")]
+    if "labelled_by" in columns:
+        return
+    try:
+        connection.execute("ALTER TABLE feedback ADD COLUMN labelled_by TEXT")
+    except sqlite3.OperationalError as exc:  # another worker added it first
+        if "duplicate column" not in str(exc):
+            raise
 
 
 class PredictionLog:
@@ -177,15 +191,18 @@ def find_prediction(connection: sqlite3.Connection, prediction_id: str) -> Predi
     return None if found is None else PredictionRow(*found)
 
 
-def record_feedback(connection: sqlite3.Connection, prediction_id: str, true_class: int) -> tuple[int, bool]:
-    """Store the label once: (the label stored, whether this call stored it).
+def record_feedback(
+    connection: sqlite3.Connection, prediction_id: str, true_class: int, labelled_by: str | None = None
+) -> tuple[int, bool]:
+    """Store the label once, with the name of the token that sent it: (the label stored, whether this call stored it).
 
     The connection must not be used by another thread meanwhile (callers hold a lock).
     """
     with connection:
         connection.execute("BEGIN IMMEDIATE")
         inserted = connection.execute(
-            "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?)", (prediction_id, true_class, time.time())
+            "INSERT OR IGNORE INTO feedback (prediction_id, true_class, created, labelled_by) VALUES (?, ?, ?, ?)",
+            (prediction_id, true_class, time.time(), labelled_by),
         ).rowcount
         (stored,) = connection.execute(
             "SELECT true_class FROM feedback WHERE prediction_id = ?", (prediction_id,)
