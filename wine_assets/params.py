@@ -287,6 +287,32 @@ class ServingParams(_Section):
         "split", description="split: the candidate answers its share; shadow: it scores every request, silently"
     )
     min_labelled: Count = Field(30, ge=1, description="labelled predictions per variant before the report decides")
+    max_header_bytes: Count = Field(
+        16384, ge=1024, le=1 << 20, description="largest request line plus headers, in bytes (431 above)"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="a request line and headers must arrive within this (408, then closed)"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a request body must arrive within this after its headers (else closed)"
+    )
+    keep_alive_seconds: Count = Field(5, ge=1, le=600, description="an idle connection between requests is closed")
+    log_max_age_days: float | None = Field(
+        30.0, gt=0, description="log rows older than this are deleted (see README); null: kept however old"
+    )
+    log_max_bytes: Count | None = Field(
+        1_000_000_000, ge=1_000_000, description="the log's data is kept below this many bytes; null: no limit"
+    )
+    log_prune_interval_seconds: float = Field(
+        30.0, gt=0, le=86400, description="how often the age and size limits of the log are enforced"
+    )
+    log_busy_timeout_seconds: float = Field(
+        1.0, gt=0, le=30, description="how long /feedback waits for a locked log before it answers 503"
+    )
+    pinned_cache_size: Count = Field(4, ge=1, le=64, description="versions pinned in URLs kept loaded per worker")
+    pinned_loads_per_minute: Count = Field(
+        12, ge=1, le=600, description="loads of pinned versions not in the cache, per worker and minute (429 above)"
+    )
 
     tokens: list[ServingToken] = Field(
         default_factory=list,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -42,11 +43,11 @@ from starlette.responses import Response
 
 from wine_assets import __name__ as package_name
 from wine_assets.params import Params, load_params
-from wine_assets.registry import MODEL_NAME, InvalidVersion, RegistryError, VersionNotFound
+from wine_assets.registry import MAX_VERSION_DIGITS, MODEL_NAME, InvalidVersion, RegistryError, VersionNotFound
 from wine_assets.serving import access, inputs, metrics
 from wine_assets.serving.forest import ServedModel
-from wine_assets.serving.log import PredictionLog, PredictionRow, connect, find_prediction, record_feedback
-from wine_assets.serving.state import PINNED, ServingState
+from wine_assets.serving.log import PredictionLog, PredictionRow, connect, find_prediction, is_busy, record_feedback
+from wine_assets.serving.state import PINNED, ServingState, TooManyLoads
 from wine_assets.signing import Trust
 from wine_assets.validation import FEATURE_COLUMNS
 
@@ -56,6 +57,10 @@ JSON = "application/json"
 OUTPUTS = ("predicted_class", "predicted_label", "probabilities")
 INLINE_ROWS = 64  # larger batches are scored on a worker thread so the event loop keeps answering
 INLINE_BODY_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, for the same reason
+# Values a body may hold per row of serving.max_rows (3 per feature: room for [N, 1] nesting, keys and
+# ignored columns), plus a fixed allowance for what wraps them (objects, shapes, names): see bound_work.
+VALUES_PER_ROW = 3 * len(FEATURE_COLUMNS)
+VALUES_ANY_REQUEST = 4 * inputs.MAX_COLUMNS
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SCOPE_KEY = "wine_assets"
 
@@ -195,6 +200,55 @@ async def parse_off_loop(function: Any, *args: Any) -> Any:
     return function(*args)
 
 
+def bound_work(body: bytes, content_type: str | None, max_rows: int) -> None:
+    """413 before parsing when the body holds more values (or CSV lines) than ``max_rows`` rows need.
+
+    ``json.loads`` builds every list in C without letting go of the GIL, so even on a worker thread
+    a 4.8 MB body of empty lists (1.6 million) kept the event loop from /ping for 1.2-1.5 s here.
+    Counting separators is a few milliseconds; what passes holds at most VALUES_PER_ROW values a row.
+    """
+    allowed = VALUES_PER_ROW * max_rows + VALUES_ANY_REQUEST
+    if inputs.media_type(content_type) == "text/csv":
+        lines = max(body.count(b"\n"), body.count(b"\r"))
+        if lines > max_rows + 2:  # a header, max_rows rows, and a blank line at the end
+            raise inputs.RequestError(
+                413,
+                "REQUEST_TOO_LARGE",
+                f"the CSV has {lines} lines; at most {max_rows} rows (serving.max_rows) and a header are scored "
+                "per request: split it",
+                reason="too_large",
+            )
+        values = body.count(b",")
+    else:
+        values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > allowed:
+        raise inputs.RequestError(
+            413,
+            "REQUEST_TOO_LARGE",
+            f"the body holds about {values} values (lists, objects and separated items); a request of at most "
+            f"{max_rows} rows (serving.max_rows) needs at most {allowed}: split it",
+            reason="too_large",
+        )
+
+
+async def in_log(settings: Any, function: Any, *args: Any) -> Any:
+    """``function(*args)`` on the prediction log, on a worker thread. A log locked by another writer
+    past ``serving.log_busy_timeout_seconds`` is 503 with Retry-After; any other failure of the log
+    (a corrupt file, say) stays the server's error, a 500 naming the request."""
+    try:
+        return await run_in_threadpool(function, *args)
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
+        waited = settings.log_busy_timeout_seconds
+        message = (
+            f"the prediction log is locked by another writer (waited {waited:g} s, "
+            "serving.log_busy_timeout_seconds); send the feedback again"
+        )
+        retry = {"Retry-After": str(max(1, math.ceil(waited)))}
+        raise inputs.RequestError(503, "LOG_BUSY", message, reason="unavailable", headers=retry) from None
+
+
 def _request_info(request: Request) -> dict[str, Any]:
     return request.scope[SCOPE_KEY]
 
@@ -240,7 +294,7 @@ class Service:
         # one connection for the feedback handlers of this worker, used under _reader_lock
         if self._reader is None:
             assert self.log_path is not None
-            self._reader = connect(self.log_path)
+            self._reader = connect(self.log_path, timeout=self.settings.log_busy_timeout_seconds)
         return self._reader
 
     def model_for(self, request: Request, version: str | None) -> tuple[ServedModel, str, ServedModel | None]:
@@ -452,7 +506,7 @@ FEEDBACK_BODY = {
     }
 }
 ModelName = Annotated[str, Path(json_schema_extra={"enum": [MODEL_NAME]})]
-Version = Annotated[str, Path(json_schema_extra={"pattern": "^v?[1-9][0-9]*$"})]
+Version = Annotated[str, Path(json_schema_extra={"pattern": "^v?[1-9][0-9]*$", "maxLength": MAX_VERSION_DIGITS + 1})]
 
 
 def create_app(params: Params | None = None) -> ServingMiddleware:
@@ -515,6 +569,11 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
             return await run_in_threadpool(service.state.pinned, version)
         except (VersionNotFound, InvalidVersion) as exc:
             raise inputs.RequestError(404, "RESOURCE_DOES_NOT_EXIST", str(exc), reason="not_found") from None
+        except TooManyLoads as exc:
+            headers = {"Retry-After": str(exc.retry_after)}
+            raise inputs.RequestError(
+                429, "TOO_MANY_REQUESTS", str(exc), reason="unavailable", headers=headers
+            ) from None
         except Exception as exc:  # anything else about that version is the server's problem, not the client's
             raise inputs.RequestError(
                 503,
@@ -568,7 +627,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
         if inputs.media_type(content_type) not in (JSON, "text/csv"):
             raise inputs.unsupported_media_type(content_type, (JSON, "text/csv"))
         body = await read_body(request, settings.max_body_bytes)
-        features = await parse_off_loop(inputs.parse_invocations, body, content_type, settings.max_rows)
+        features = await parse_off_loop(_parse_invocations_body, body, content_type, settings.max_rows)
         chosen, probabilities, ids, background = await service.score(request, features, model, variant, shadow)
         records = model.records(chosen, probabilities)
         for record, prediction_id in zip(records, ids, strict=True):
@@ -717,7 +776,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
                 "this server keeps no prediction log (serving.log_path is null)",
                 reason="feedback",
             )
-        found = await run_in_threadpool(_find_logged, service, prediction_id)
+        found = await in_log(settings, _find_logged, service, prediction_id)
         if found is None:
             raise inputs.RequestError(
                 404,
@@ -726,7 +785,7 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
                 reason="not_found",
             )
         true_class = _class_value(service, found.model_version, label)
-        stored, inserted = await run_in_threadpool(service.record_feedback, prediction_id, true_class, caller.name)
+        stored, inserted = await in_log(settings, service.record_feedback, prediction_id, true_class, caller.name)
         if stored != true_class:
             raise inputs.RequestError(
                 409,
@@ -758,7 +817,13 @@ def create_app(params: Params | None = None) -> ServingMiddleware:
     return ServingMiddleware(access.AllowedHosts(app, access.allowed_hosts(settings)), service.state)
 
 
+def _parse_invocations_body(body: bytes, content_type: str | None, max_rows: int) -> inputs.Features:
+    bound_work(body, content_type, max_rows)
+    return inputs.parse_invocations(body, content_type, max_rows)
+
+
 def _parse_infer_body(body: bytes, max_rows: int) -> inputs.InferRequest:
+    bound_work(body, JSON, max_rows)
     return inputs.parse_infer(inputs.decode_json(body), max_rows, OUTPUTS)
 
 

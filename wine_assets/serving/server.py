@@ -5,17 +5,26 @@ named by ``WINE_ASSETS_PARAMS`` (set here to an absolute path, so a worker reads
 file the command was given) and loads the model itself. Prometheus' multiprocess folder is
 created empty before any worker starts. SIGTERM (or Ctrl-C) stops accepting connections and
 lets requests in flight finish, for at most ``graceful_seconds``.
+
+Connections are bounded by ``protocol.GuardedHttpToolsProtocol`` (head size, head and body
+timeouts) and uvicorn's ``timeout_keep_alive``; the prediction log by one ``LogRetention``
+thread in this process, for every worker.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wine_assets.params import PARAMS_ENV_VAR, Params
+
+if TYPE_CHECKING:
+    from wine_assets.serving.log import LogRetention
 
 # Not imported from wine_assets.serving.metrics: prometheus_client must not be imported before it is set.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -68,6 +77,7 @@ def run(
     os.environ[MULTIPROC_ENV] = str(metrics_dir)
     import uvicorn  # after the environment is set: prometheus_client reads it at import
 
+    retention = start_retention(params)
     try:
         uvicorn.run(
             APP_FACTORY,
@@ -75,12 +85,36 @@ def run(
             host=host,
             port=port,
             workers=workers,
-            http="httptools",
+            http=http_protocol(params),
             loop="uvloop",
             access_log=access_log,
+            timeout_keep_alive=params.serving.keep_alive_seconds,
             timeout_graceful_shutdown=graceful_seconds,
             log_level="warning",
         )
     finally:
+        if retention is not None:
+            retention.stop()
         if not chosen:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def http_protocol(params: Params) -> functools.partial:
+    """The httptools protocol with the serving section's limits; a partial pickles to spawned workers."""
+    from wine_assets.serving.protocol import GuardedHttpToolsProtocol, HttpLimits
+
+    settings = params.serving
+    limits = HttpLimits(settings.max_header_bytes, settings.header_timeout_seconds, settings.body_timeout_seconds)
+    return functools.partial(GuardedHttpToolsProtocol, limits=limits)
+
+
+def start_retention(params: Params) -> LogRetention | None:
+    """The log's age and size limits, enforced by one thread here for all workers (None: no log, no limits)."""
+    from wine_assets.serving.log import LogRetention, Retention
+
+    settings = params.serving
+    path = params.serving_log_path
+    if path is None or (settings.log_max_age_days is None and settings.log_max_bytes is None):
+        return None
+    retention = Retention.from_settings(settings)
+    return LogRetention(path, retention, settings.log_prune_interval_seconds, settings.log_busy_timeout_seconds).start()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 PINNED = "pinned"
-PINNED_CACHE_SIZE = 4
+LOAD_WINDOW_SECONDS = 60.0  # serving.pinned_loads_per_minute counts the loads of the last minute
 
 
 def route_fraction(experiment: str, key: str) -> float:
@@ -48,6 +49,14 @@ def assign(experiment: str | None, weight: float, key: str) -> str:
     if experiment is None or weight <= 0:
         return PRODUCTION
     return CANDIDATE if route_fraction(experiment, key) < weight else PRODUCTION
+
+
+class TooManyLoads(Exception):
+    """A pinned version is not loaded, and this worker has used its loads of the minute."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -77,7 +86,9 @@ class ServingState:
         self.candidate_failure: LoadFailure | None = None
         self._failed: tuple[int | None, float] | None = None
         self._pinned: OrderedDict[int, ServedModel] = OrderedDict()
-        self._pinned_lock = threading.Lock()
+        self._pinned_lock = threading.Lock()  # the cache, held only to look up and insert
+        self._load_lock = threading.Lock()  # one pinned load at a time per worker
+        self._loads: deque[float] = deque()  # when the loads of the last LOAD_WINDOW_SECONDS started
         self._pinned_failures: dict[int, LoadFailure] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,32 +193,64 @@ class ServingState:
         return production, PRODUCTION, None
 
     def pinned(self, version_text: str) -> ServedModel:
-        """A version asked for by number in the URL: loaded once (verified), kept in a small cache.
+        """A version asked for by number in the URL: loaded once (verified), kept in an LRU cache of
+        ``pinned_cache_size`` versions.
 
-        Loads are serialized, so concurrent requests for a version load it once; a version that
-        failed is not tried again for ``retry_seconds`` (the failure is raised again instead).
+        A load costs about a tenth of a second of CPU (verify, load, warm), so a client
+        cycling through more versions than the cache holds would make every request one. Loads are
+        therefore serialized (concurrent requests for a version load it once; requests for cached
+        versions never wait for a load) and limited to ``pinned_loads_per_minute`` per worker:
+        beyond, ``TooManyLoads`` (429 with Retry-After). A version not in the registry is refused
+        before any of that, and one that failed is not tried again for ``retry_seconds``.
         """
         number = parse_version(version_text)  # InvalidVersion for text that is not a version
         for model in (self.production, self.candidate):
             if model is not None and model.version == number:
                 return model
-        with self._pinned_lock:
-            cached = self._pinned.get(number)
+        cached = self._cached(number)
+        if cached is not None:
+            return cached
+        with self._load_lock:
+            cached = self._cached(number)  # loaded by the request this one waited for
             if cached is not None:
-                self._pinned.move_to_end(number)
                 return cached
             failed = self._pinned_failures.get(number)
             if failed is not None and time.monotonic() < failed.at + self.retry_seconds:
                 raise RegistryError(failed.message)
             if number not in self.registry.versions():
                 raise VersionNotFound(f"version v{number} is not in the registry")
+            self._take_a_load(number)
             try:
                 served = forest.load(self.registry, number)
             except Exception as exc:
                 self._pinned_failures[number] = LoadFailure(number, str(exc), time.monotonic())
                 raise
             self._pinned_failures.pop(number, None)
-            self._pinned[number] = served
-            while len(self._pinned) > PINNED_CACHE_SIZE:
-                self._pinned.popitem(last=False)
+            with self._pinned_lock:
+                self._pinned[number] = served
+                while len(self._pinned) > self.settings.pinned_cache_size:
+                    self._pinned.popitem(last=False)
             return served
+
+    def _cached(self, number: int) -> ServedModel | None:
+        with self._pinned_lock:
+            cached = self._pinned.get(number)
+            if cached is not None:
+                self._pinned.move_to_end(number)
+            return cached
+
+    def _take_a_load(self, number: int) -> None:
+        """Count a load against the minute's budget, or raise TooManyLoads (called under _load_lock)."""
+        now = time.monotonic()
+        while self._loads and self._loads[0] <= now - LOAD_WINDOW_SECONDS:
+            self._loads.popleft()
+        budget = self.settings.pinned_loads_per_minute
+        if len(self._loads) >= budget:
+            wait = max(1, math.ceil(self._loads[0] + LOAD_WINDOW_SECONDS - now))
+            raise TooManyLoads(
+                f"version v{number} is not loaded, and this worker has loaded {budget} pinned versions in the last "
+                f"minute (serving.pinned_loads_per_minute); the {self.settings.pinned_cache_size} most recently "
+                f"used stay loaded (serving.pinned_cache_size): try again in {wait} s",
+                wait,
+            )
+        self._loads.append(now)
