@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 POLL = 0.5
 SHARED = pytest.mark.xdist_group("serving")
+HEAD_TIMEOUT = 2.0  # serving.header_timeout_seconds of the shared server
 
 
 # -- a server in a subprocess --------------------------------------------------------------------
@@ -172,8 +175,11 @@ class SharedServer:
         self.stop()
         folder = self._factory.mktemp("serve")
         publish(folder / "registry", self._versions, 1)
-        # Two workers serving v1; limits large enough for the request SIGTERM must let finish.
-        self._current = start_server(folder, workers=2, max_rows=100_000, max_body_bytes=50_000_000)
+        # Two workers serving v1; limits large enough for the request SIGTERM must let finish; a short
+        # header timeout, for the test of silent connections.
+        self._current = start_server(
+            folder, workers=2, max_rows=100_000, max_body_bytes=50_000_000, header_timeout_seconds=HEAD_TIMEOUT
+        )
         self.starts += 1
         return self._current
 
@@ -324,6 +330,97 @@ def test_a_fuzz_of_the_openapi_schema_finds_no_server_error(server, tmp_path):
     }
     for operation in ("POST /invocations", "POST /v2/models/{name}/infer", "GET /v2/models/{name}"):
         assert accepted[operation] > 0, (operation, outcome["valid_rates"][operation])
+
+
+# -- limits on connections, bodies and versions, on the real server -----------------------------------
+def _server_rss(server: Server) -> int:
+    leader = psutil.Process(server.process.pid)
+    return sum(process.memory_info().rss for process in [leader, *leader.children(recursive=True)])
+
+
+def _response(sock: socket.socket, data: bytes = b"") -> tuple[int, dict]:
+    """Status and JSON body of the one response the server sends before it closes the connection."""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:  # the answer came first; the reset after it is the close
+        pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@SHARED
+def test_a_huge_head_gets_431_without_growing_the_workers_and_a_silent_connection_is_closed(server):
+    """What the review sent: a 150 MB header was read whole (+259 MB) and silent connections stayed open."""
+    port = int(server.url.rsplit(":", 1)[1])
+    before = _server_rss(server)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        chunk, sent, reply = b"a" * 65536, 0, b""
+        try:
+            while sent < 64 << 20:
+                view = memoryview(chunk)
+                while view:
+                    view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
+                sent += len(chunk)
+                if not reply and select.select([sock], [], [], 0)[0]:
+                    reply = sock.recv(65536)
+        except OSError:  # the server closed after answering
+            pass
+        status, body = _response(sock, reply)
+    grown = _server_rss(server) - before
+    assert status == 431 and body["error_code"] == "REQUEST_HEADER_FIELDS_TOO_LARGE"
+    assert body["message"] == "the request line and headers exceed 16384 bytes (serving.max_header_bytes)"
+    assert grown < 16 << 20, f"the server grew by {grown} bytes"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+        started = time.monotonic()
+        try:
+            assert silent.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        waited = time.monotonic() - started
+    assert HEAD_TIMEOUT * 0.8 <= waited < HEAD_TIMEOUT + 10
+    assert httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+
+
+@SHARED
+def test_a_body_of_empty_lists_is_refused_unparsed_while_ping_answers(server):
+    """4 million values where 100,000 rows (serving.max_rows) need 3.9 million at most: 413 before json.loads."""
+    body = b'{"inputs": [' + b",".join([b"[]"] * 2_000_000) + b"]}"
+    outcome: dict = {}
+
+    def send() -> None:
+        with server.client() as client:
+            outcome["response"] = client.post(
+                "/invocations", content=body, headers={"Content-Type": "application/json"}
+            )
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    pings = []
+    with server.client() as client:
+        while sender.is_alive():
+            pings.append(client.get("/ping").status_code)
+    sender.join()
+    response = outcome["response"]
+    assert response.status_code == 413
+    assert "(serving.max_rows) needs at most 3904000" in response.json()["message"]
+    assert pings and set(pings) == {200}
+
+
+@SHARED
+def test_a_5000_digit_version_is_a_404_naming_the_limit(server):
+    version = "1" * 5000
+    with server.client() as client:
+        answers = [
+            client.get(f"/v2/models/wine-classifier/versions/{version}"),
+            client.get(f"/v2/models/wine-classifier/versions/{version}/ready"),
+            client.post(f"/v2/models/wine-classifier/versions/{version}/infer", json={"inputs": []}),
+        ]
+    for answer in answers:
+        assert answer.status_code == 404, answer.text[:300]
+        assert answer.json()["message"].endswith("is not a version: at most 9 digits")
+        assert len(answer.text) < 500  # the 5000 digits are not echoed
 
 
 # -- feedback from several workers into one log ---------------------------------------------------------

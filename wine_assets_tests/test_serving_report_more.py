@@ -121,3 +121,43 @@ def test_a_log_in_a_folder_with_uri_characters_is_read(tmp_path):
     connect(path).close()
     assert read_rows(path, None) == []
     assert latest_experiment(path) is None
+
+
+def test_pruning_the_log_leaves_the_experiments_accuracies_test_and_decision_as_they_were(tmp_path):
+    """Retention keeps the running experiment's labelled rows, which are all the report decides on."""
+    from wine_assets.serving.log import Retention, data_bytes, prune
+
+    path = tmp_path / "predictions.sqlite"
+    connection = connect(path)
+    try:
+        now, day = time.time(), 86400.0
+        rows = []
+        for index in range(120):  # labelled, 40 days old: production right 60%, the candidate 95%
+            variant = "candidate" if index % 2 else "production"
+            rows.append((f"l{index}", variant, 0, now - 40 * day))
+        for index in range(3000):  # unlabelled, old and new
+            rows.append((f"u{index}", "candidate" if index % 3 == 0 else "production", 1, now - (index % 60) * day))
+        connection.executemany(
+            "INSERT INTO predictions VALUES (?, 'request', ?, 'spring', ?, ?, ?, NULL, NULL)",
+            [
+                (pid, created, variant, 2 if variant == "candidate" else 1, predicted)
+                for pid, variant, predicted, created in rows
+            ],
+        )
+        for index in range(120):
+            right = index % 20 != 1 if index % 2 else index % 10 < 6
+            assert record_feedback(connection, f"l{index}", 0 if right else 2)[1]
+        before = build_report(read_rows(path, "spring"), "spring", min_labelled=30)
+        pruned = prune(connection, Retention(30 * day, data_bytes(connection) // 2, "spring"))
+        after = build_report(read_rows(path, "spring"), "spring", min_labelled=30)
+    finally:
+        connection.close()
+    assert pruned.by_age > 0 and sum(v.predictions for v in after.variants) < sum(
+        v.predictions for v in before.variants
+    )
+    fields = ("variant", "versions", "labelled", "correct", "accuracy", "interval")
+    assert [[getattr(v, f) for f in fields] for v in after.variants] == [
+        [getattr(v, f) for f in fields] for v in before.variants
+    ]
+    assert after.comparison == before.comparison and after.decision == before.decision
+    assert after.decision.startswith("the candidate is more accurate")
