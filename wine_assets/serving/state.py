@@ -1,8 +1,8 @@
 """The models one worker serves, the production alias watcher, and the A/B routing.
 
 Each worker reads the registry's ``production`` alias every ``reload_interval_seconds``.
-When it names another version, that version is loaded in the background thread (sha256
-verified before unpickling, predictions compared with scikit-learn's, warmed) and then
+When it names another version, that version is loaded in the background thread (signature
+and sha256 verified before loading, predictions compared with scikit-learn's, warmed) and then
 swapped in by one assignment: a request takes the model once when it starts, so requests
 in flight finish on the version they started with. A version that fails is not served:
 the previous one keeps serving, the failure is counted, and the load is retried after
@@ -140,7 +140,7 @@ class ServingState:
             return
         try:
             served = forest.load(self.registry, wanted)
-        except Exception as exc:  # whatever a bad bundle raises (unpickling, another library version), it is not served
+        except Exception as exc:  # whatever a bad bundle raises (loading, another library version), it is not served
             self._failed = (wanted, time.monotonic() + self.retry_seconds)
             self._fail(PRODUCTION, wanted, str(exc))
             return
