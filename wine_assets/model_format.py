@@ -14,7 +14,6 @@ original estimator's exactly (a test checks 10^5 rows for every family).
 from __future__ import annotations
 
 import io
-import json
 import re
 import zipfile
 from typing import Any
@@ -35,6 +34,7 @@ EXPECTED_TYPES = {
 }
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 _MEMORY_ID = re.compile(r"^([0-9]+)\.npy$")
+_IDS_IN_SCHEMA = re.compile(rb'"__id__": ([0-9]+)|"file": "([0-9]+)\.npy"')
 
 
 class ModelFormatError(ValueError):
@@ -54,19 +54,16 @@ def loads(data: bytes, kind: str, where: str) -> Any:
     ``where`` names the file in every message. Nothing outside the trusted types is built.
     """
     import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
 
     if not zipfile.is_zipfile(io.BytesIO(data)):
         hint = " (a pickle, which runs code when loaded: refused)" if data[:1] == b"\x80" else ""
         raise ModelFormatError(f"{where} is not a skops file{hint}; re-run the pipeline to store it as skops")
     try:
-        untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
-        if untrusted:
-            raise ModelFormatError(
-                f"{where} holds types that are not trusted: {', '.join(untrusted)}; refusing to load it"
-            )
-        obj = skops.io.loads(data, trusted=list(TRUSTED_TYPES))
-    except ModelFormatError:
-        raise
+        obj = skops.io.loads(data, trusted=list(TRUSTED_TYPES))  # checks every type before building any
+    except UntrustedTypesFoundException:
+        untrusted = ", ".join(sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES)))
+        raise ModelFormatError(f"{where} holds types that are not trusted: {untrusted}; refused") from None
     except Exception as exc:  # skops raises many kinds for damaged files; each is a refusal here
         raise ModelFormatError(f"{where} is not a readable skops file ({type(exc).__name__}: {exc})") from exc
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -80,31 +77,25 @@ def _canonical(data: bytes) -> bytes:
     zip entry with the current time: the same model gives new bytes in every process. The registry
     is content-addressed (a retrained, identical model is the same version; a signed manifest names
     each file's sha256), so the ids are renumbered in order of first appearance and the times fixed.
-    Loading is unchanged: skops resolves both only against each other inside the file."""
+    Loading is unchanged: skops resolves both only against each other inside the file.
+
+    The renumbering is a substitution on the schema's text, where skops writes these keys
+    unescaped (the same text inside a string value would be escaped): a walk over the parsed
+    schema and a new dump took 0.15 s for a 100-tree forest (1.5 MB of schema), this 0.01 s."""
     with zipfile.ZipFile(io.BytesIO(data)) as source:
-        schema = json.loads(source.read("schema.json"))
+        schema = source.read("schema.json")
         arrays = {name: source.read(name) for name in source.namelist() if name != "schema.json"}
     numbers: dict[int, int] = {}
 
-    def number(value: int) -> int:
-        return numbers.setdefault(value, len(numbers) + 1)
+    def number(value: bytes) -> int:
+        return numbers.setdefault(int(value), len(numbers) + 1)
 
-    def renumber(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for key, value in node.items():
-                if key == "__id__" and isinstance(value, int):
-                    out[key] = number(value)
-                elif key == "file" and isinstance(value, str) and _MEMORY_ID.match(value):
-                    out[key] = f"{number(int(_MEMORY_ID.match(value).group(1)))}.npy"
-                else:
-                    out[key] = renumber(value)
-            return out
-        if isinstance(node, list):
-            return [renumber(item) for item in node]
-        return node
+    def renumber(match: re.Match[bytes]) -> bytes:
+        if match.group(1) is not None:
+            return b'"__id__": %d' % number(match.group(1))
+        return b'"file": "%d.npy"' % number(match.group(2))
 
-    schema = renumber(schema)
+    schema = _IDS_IN_SCHEMA.sub(renumber, schema)
     renamed = {}
     for name, content in arrays.items():
         match = _MEMORY_ID.match(name)
@@ -113,8 +104,7 @@ def _canonical(data: bytes) -> bytes:
         renamed[f"{numbers[int(match.group(1))]}.npy"] = content
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
-        entries = [("schema.json", json.dumps(schema, indent=2).encode())] + sorted(renamed.items())
-        for name, content in entries:
+        for name, content in [("schema.json", schema), *sorted(renamed.items())]:
             info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
             info.external_attr = 0o644 << 16
             target.writestr(info, content)
