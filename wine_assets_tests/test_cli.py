@@ -36,6 +36,10 @@ def env(dagster_home, write_params):
     return cli_env(dagster_home, write_params())
 
 
+# The tests of the one shared CLI materialization run on one xdist worker (see test_experiments' GRID).
+MATERIALIZED = pytest.mark.xdist_group("materialized")
+
+
 def publish(registry: ModelRegistry, *tags: str) -> None:
     for tag in tags:
         registry.publish(
@@ -74,6 +78,7 @@ def test_dg_checks_and_lists_the_project_definitions(env):
 
 
 @pytest.mark.integration
+@MATERIALIZED
 def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_path, write_csv, monkeypatch):
     env = cli_materialized.env
     registry = tmp_path / "registry"
@@ -106,6 +111,7 @@ def test_release_job_exits_non_zero_when_the_gate_fails(cli_materialized, tmp_pa
 
 
 @pytest.mark.integration
+@MATERIALIZED
 def test_multiprocess_executor_is_selectable_by_run_config(cli_materialized, tmp_path):
     # One step (scaler, whose input train_set is stored in the copied instance): the executor's
     # choice is what is under test, and each step is a process that imports everything.
@@ -141,6 +147,7 @@ def test_multiprocess_executor_is_selectable_by_run_config(cli_materialized, tmp
 
 
 @pytest.mark.integration
+@MATERIALIZED
 def test_a_cli_run_is_tagged_with_the_absolute_params_file_it_was_launched_with(cli_materialized_once):
     root = cli_materialized_once.root
     with dg.DagsterInstance.from_config(str(root / "dagster_home")) as instance:
@@ -170,6 +177,7 @@ def test_a_run_launched_with_no_params_file_is_tagged_and_warns(tmp_path):
 
 # -- wine-assets: one real process per subcommand ----------------------------------------------------
 @pytest.mark.integration
+@MATERIALIZED
 def test_materialize_everything_then_run_each_wine_assets_subcommand(cli_materialized, tmp_path, wine_frame):
     """After the real `dagster asset materialize`, every user-facing subcommand once as a real process
     (`serve` and `experiment` have their own tests): exit code, standard output and error, no traceback."""

@@ -204,6 +204,11 @@ class Grid:
         return json.loads((self.root / f"artifacts/experiments/{dataset}/decision.json").read_text())
 
 
+# The tests of the shared grid run on one xdist worker: the first builds the grid, the others
+# follow, and no other worker sits waiting on the grid's lock meanwhile.
+GRID = pytest.mark.xdist_group("grid")
+
+
 @pytest.fixture(scope="session")
 def grid_once(tmp_path_factory) -> Grid:
     root, record = build_once(tmp_path_factory, "experiment_grid", _run_the_grid)
@@ -224,6 +229,7 @@ def stored_partitions(home: Path, key: AssetKey) -> set[str]:
 
 
 @pytest.mark.integration
+@GRID
 def test_the_grid_runs_every_partition_and_a_bad_dataset_blocks_only_itself(grid_once):
     run = grid_once.run
     assert run["returncode"] == 1, run["stderr"][-3000:]  # one dataset was not compared
@@ -240,6 +246,7 @@ def test_the_grid_runs_every_partition_and_a_bad_dataset_blocks_only_itself(grid
 
 
 @pytest.mark.integration
+@GRID
 def test_weak_and_twin_variants_are_not_promoted_and_release_is_blocked(grid, wine_assets_cli):
     summary = grid.decision("wine")
     assert summary["decision"] == "keep production" and summary["winner"] == "production"
@@ -270,6 +277,7 @@ def test_weak_and_twin_variants_are_not_promoted_and_release_is_blocked(grid, wi
 
 
 @pytest.mark.integration
+@GRID
 def test_a_better_family_is_released_as_candidate_then_production(grid, wine_assets_cli):
     summary = grid.decision("linear")
     assert summary["challenger"] == "logistic" and summary["p_value"] < 0.05 and summary["effect_size"] > 0
@@ -307,6 +315,7 @@ def test_a_better_family_is_released_as_candidate_then_production(grid, wine_ass
 
 
 @pytest.mark.integration
+@GRID
 def test_one_partition_from_the_dagster_command_line_and_a_decision_out_of_date(grid, wine_assets_cli):
     """The README's way to materialize one partition with `dagster asset materialize`; once a
     dataset holds other rows, its decision is out of date and its release is refused."""
@@ -327,6 +336,7 @@ def test_one_partition_from_the_dagster_command_line_and_a_decision_out_of_date(
 
 
 @pytest.mark.integration
+@GRID
 def test_mlflow_tracking_logs_every_partition_and_mirrors_the_decision(grid_once):
     mlflow = pytest.importorskip("mlflow")
     assert grid_once.run["mlflow"]
