@@ -430,9 +430,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError("--graceful-seconds: 0 or more", EXIT_BAD_INPUT)
     from wine_assets.serving.access import TokenConfigError, Tokens
 
-    try:  # once here, so bad tokens are one message, not a worker failing at start-up over and over
+    try:  # once here, so bad tokens or keys are one message, not a worker failing at start-up over and over
         Tokens.from_settings(settings)
-    except TokenConfigError as exc:
+        Trust.from_config(params.registry.trusted_keys)
+    except (TokenConfigError, SigningError) as exc:
         raise CliError(str(exc), EXIT_BAD_INPUT) from exc
     try:
         server.run(

@@ -332,3 +332,15 @@ def test_a_five_thousand_digit_version_is_bad_input_not_a_crash(registry, wine_a
     assert len(str(error.value)) < 120
     shown = wine_assets_cli("registry", "--registry", registry.root, "show", digits)
     assert shown.returncode == 2 and "at most 9 digits" in shown.stderr and "Traceback" not in shown.stderr
+
+
+@pytest.mark.component
+def test_a_malformed_trusted_key_is_one_message_before_serve_or_a_registry_command(
+    tmp_path, wine_assets_cli, monkeypatch
+):
+    monkeypatch.setenv(signing.TRUSTED_KEYS_ENV, "ed25519:not-a-key")
+    for command in (["serve", "--port", "1"], ["registry", "--registry", tmp_path / "registry", "list"]):
+        refused = wine_assets_cli(*command)
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert "$WINE_ASSETS_TRUSTED_KEYS: 'ed25519:not-a-key' is not a public key" in refused.stderr
+        assert "Traceback" not in refused.stderr
