@@ -177,7 +177,8 @@ class Trust:
         if signature is None:
             raise SigningError(
                 f"{where} has no {SIGNATURE_FILE}: an unsigned bundle is refused "
-                "(sign it where it was made: `wine-assets registry sign`)"
+                "(a bundle from before signing cannot be signed afterwards: train and release it again, "
+                "into an empty registry folder if production itself is unsigned)"
             )
         try:
             record = json.loads(signature.decode("ascii"))
