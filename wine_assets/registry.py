@@ -232,12 +232,12 @@ def read_verified(path: Path, trust: signing.Trust, only: tuple[str, ...] | None
             if only is not None and name not in only:
                 continue
             try:
-                content = _read_in(folder, name, entry["bytes"], path)
+                content = read_plain_file(name, entry["bytes"], dir_fd=folder)
             except (FileNotFoundError, IsADirectoryError):
                 problems.append(f"{name} is missing")
                 continue
-            except UntrustedBundle as exc:
-                problems.append(str(exc).removeprefix(f"{path}/").removesuffix("; refused"))
+            except NotAPlainFile as exc:  # its message starts with the name: "model.skops is ..."
+                problems.append(str(exc))
                 continue
             if len(content) != entry["bytes"] or sha256_bytes(content) != entry.get("sha256"):
                 problems.append(f"{name} does not match its sha256 in the manifest")
